@@ -1,0 +1,6 @@
+from .convnext import Block, ConvNeXt, ConvNeXtConfig
+from .registry import create_model, list_models, register_model
+from . import zoo  # noqa: F401  (registers the sizes)
+from .zoo import CONFIGS
+
+__all__ = ["Block", "ConvNeXt", "ConvNeXtConfig", "CONFIGS", "create_model", "list_models", "register_model"]
