@@ -68,16 +68,15 @@ def count_params(name: str) -> int:
 
 def count_flops(name: str, size: int) -> int:
     """FLOPs (multiply-adds) of one ``size`` x ``size`` image through ``name``, fvcore convention."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # fvcore's imports and the jit tracer are noisy
         from fvcore.nn import FlopCountAnalysis
 
         # fvcore traces real tensors (its tracer fails on meta convolutions), but values do not
         # matter: allocate without the costly init and zero the weights.
         model = meta_model(name, num_classes=1000).to_empty(device="cpu").eval()
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                t.zero_()
+        for t in model.state_dict().values():
+            t.zero_()
         analysis = FlopCountAnalysis(model, torch.zeros(1, 3, size, size))
         analysis.set_op_handle(**{op: None for op in _UNCOUNTED})
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")

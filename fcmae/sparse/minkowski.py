@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,9 @@ def import_minkowski():
             if not hasattr(collections, name):
                 setattr(collections, name, getattr(collections.abc, name))
         try:
-            import MinkowskiEngine as ME
+            with warnings.catch_warnings():  # a CPU-only build says so on every import
+                warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
+                import MinkowskiEngine as ME
         except ImportError as e:  # also catches a broken build (undefined symbols, ABI mismatch)
             raise ImportError(f"{INSTALL_HINT} (import failed: {e})") from e
         _ME = ME
@@ -68,7 +71,8 @@ def _module(kind: str, *args):
     mod = _MODULES.get(key)
     if mod is None:
         ME = import_minkowski()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*should not be instantiated.*")  # ME 0.5.4 vs torch 2.x
             if kind == "depthwise":
                 mod = ME.MinkowskiDepthwiseConvolution(args[0], kernel_size=7, bias=False, dimension=2)
             elif kind == "channelwise":
@@ -145,9 +149,11 @@ def _block(ME, blk, x, n: int):
     return _with_features(ME, x, feats + y)
 
 
-def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
+                    num_visible: int | None = None) -> torch.Tensor:
     """imgs (N, 3, H, W), mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
-    (N, C4, h, w), zero at masked patches."""
+    (N, C4, h, w), zero at masked patches. ``num_visible`` is accepted for the backend interface and
+    not needed: sparse tensors hold any number of sites per sample."""
     ME = import_minkowski()
     n = imgs.shape[0]
     h, w = grid

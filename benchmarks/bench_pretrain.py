@@ -1,0 +1,208 @@
+"""FCMAE pretraining-step benchmark: images/s and peak memory per backend, model, resolution,
+precision, channels_last and torch.compile. Prints a table, saves JSON and a PNG plot.
+
+    python benchmarks/bench_pretrain.py                                   # CPU default: atto, 224, batch 16
+    python benchmarks/bench_pretrain.py --models convnextv2_base --sizes 224 384 --precisions fp32 bf16 \
+        --channels-last both --compile both --batch-size 64                # on a GPU
+
+A step is forward + backward + AdamW at mask ratio 0.6. Each configuration runs in its own
+process, so CPU peak memory is that process's peak RSS above its level before the first step
+(CUDA: torch.cuda.max_memory_allocated). "useful TFLOP/s" counts only the encoder's work on
+visible sites plus the decoder (3 x forward FLOPs for forward + backward).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())
+        info["device"] = f"CPU: {cpu} ({os.cpu_count()} cores)"
+    return info
+
+
+def useful_flops(name: str, size: int, batch: int, ratio: float) -> float:
+    """Forward FLOPs (multiply-adds) of the visible-site encoder work plus the decoder, per batch."""
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    import fcmae
+
+    model = fcmae.create_model(name, num_classes=0).eval()
+    with torch.no_grad():
+        enc = FlopCountAnalysis(model, torch.zeros(1, 3, size, size)).unsupported_ops_warnings(False)
+        enc = enc.uncalled_modules_warnings(False).total()
+    keep = int((size // 32) ** 2 * (1 - ratio)) / (size // 32) ** 2
+    return batch * (enc * keep + _decoder_flops(fcmae.create_fcmae(name), size))
+
+
+def _decoder_flops(fm, size: int) -> float:
+    """Multiply-adds of the decoder per image: 1x1 projections, dwconv 7x7 and the 4x MLP per block."""
+    sites = (size // 32) ** 2
+    d = fm.proj.out_channels
+    per_site = fm.proj.in_channels * d + fm.pred.in_channels * fm.pred.out_channels
+    per_site += len(fm.decoder) * (49 * d + 8 * d * d)
+    return sites * per_site
+
+
+def run_one(cfg: dict) -> dict:
+    """Time one configuration in this process."""
+    import torch
+
+    import fcmae
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = fcmae.create_fcmae(cfg["model"], backend=cfg["backend"]).to(dev)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    fwd = torch.compile(model) if cfg["compile"] else model
+    imgs = torch.randn(cfg["batch_size"], 3, cfg["size"], cfg["size"], device=dev)
+    if cfg["channels_last"]:
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
+
+    def step():
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            loss = fwd(imgs)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(cfg["warmup"]):
+        step()
+    sync()
+    times = []
+    for _ in range(cfg["iters"]):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    med = statistics.median(times)
+    return {**cfg, "step_ms": med * 1e3, "images_per_sec": cfg["batch_size"] / med, "peak_mem_mib": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["convnextv2_atto"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[224])
+    p.add_argument("--backends", nargs="+", default=["dense", "gather"])
+    p.add_argument("--precisions", nargs="+", default=["fp32"])
+    p.add_argument("--channels-last", choices=["off", "on", "both"], default="off")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pretrain_step_<device>.json)")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:  # child process: one configuration
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    flag = {"off": [False], "on": [True], "both": [False, True]}
+    rows = []
+    for model, size, prec, cl, comp, backend in itertools.product(
+            args.models, args.sizes, args.precisions, flag[args.channels_last], flag[args.compile], args.backends):
+        if backend == "minkowski" and (cl or comp):
+            continue
+        cfg = dict(model=model, size=size, precision=prec, channels_last=cl, compile=comp, backend=backend,
+                   batch_size=args.batch_size, warmup=args.warmup, iters=args.iters)
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
+                              cwd=ROOT)
+        if proc.returncode != 0:
+            err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"skipped {cfg}: {err}", file=sys.stderr)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["useful_tflops"] = 3 * useful_flops(model, size, args.batch_size, 0.6) / (row["step_ms"] / 1e3) / 1e12
+        rows.append(row)
+        print(f"{model:16s} {size:4d} {prec:5s} cl={cl!s:5s} compile={comp!s:5s} {backend:9s} "
+              f"{row['step_ms']:9.1f} ms {row['images_per_sec']:8.1f} img/s {row['peak_mem_mib']:9.0f} MiB", flush=True)
+    info = machine()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in info["device"]), None)
+    print(f"\n{info['device']} | torch {info['torch']} | batch {args.batch_size} | mask ratio 0.6 | fwd+bwd+AdamW")
+    print(f"{'model':16s} {'size':>4s} {'prec':5s} {'cl':>3s} {'comp':>4s} | " + " | ".join(
+        f"{b:>9s} img/s  MiB" for b in args.backends) + " | gather/dense speed, memory" + (" | useful TFLOP/s" if peak else ""))
+    summary = []
+    for key, group in itertools.groupby(rows, key=lambda r: (r["model"], r["size"], r["precision"], r["channels_last"],
+                                                               r["compile"])):
+        by = {r["backend"]: r for r in group}
+        line = f"{key[0]:16s} {key[1]:4d} {key[2]:5s} {'y' if key[3] else 'n':>3s} {'y' if key[4] else 'n':>4s} | "
+        line += " | ".join(f"{by[b]['images_per_sec']:9.1f} {by[b]['peak_mem_mib']:9.0f}" if b in by else f"{'-':>20s}"
+                           for b in args.backends)
+        if "dense" in by and "gather" in by:
+            speed = by["gather"]["images_per_sec"] / by["dense"]["images_per_sec"]
+            mem = by["gather"]["peak_mem_mib"] / max(by["dense"]["peak_mem_mib"], 1e-9)
+            line += f" | {speed:5.2f}x, {mem:4.2f}x"
+            summary.append(dict(zip(("model", "size", "precision", "channels_last", "compile"), key),
+                                gather_speedup=speed, gather_memory_ratio=mem))
+        if peak and "gather" in by:
+            line += f" | {by['gather']['useful_tflops']:.1f} of {peak:.0f} peak"
+        print(line)
+    tag = "cuda" if "CPU" not in info["device"] else "cpu"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"pretrain_step_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "batch_size": args.batch_size, "mask_ratio": 0.6, "rows": rows,
+                               "summary": summary}, indent=1))
+    plot(rows, out.with_suffix(".png"), info)
+    print(f"saved {out} and {out.with_suffix('.png')}")
+
+
+def plot(rows: list[dict], path: Path, info: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = sorted({(r["model"].removeprefix("convnextv2_"), r["size"], r["precision"], r["channels_last"], r["compile"])
+                     for r in rows})
+    backends = sorted({r["backend"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(backends)), 4))
+    width = 0.8 / len(backends)
+    for i, b in enumerate(backends):
+        vals = [next((r["images_per_sec"] for r in rows if r["backend"] == b and (r["model"].removeprefix("convnextv2_"),
+                      r["size"], r["precision"], r["channels_last"], r["compile"]) == lab), 0) for lab in labels]
+        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=b)
+    ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels([f"{m}/{s}/{p}" + ("/cl" if c else "") + ("/comp" if k else "") for m, s, p, c, k in labels],
+                       rotation=20, fontsize=8)
+    ax.set_ylabel("images / s (fwd + bwd + AdamW)")
+    ax.set_title(f"FCMAE pretraining step, mask ratio 0.6 - {info['device']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
