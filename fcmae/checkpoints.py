@@ -8,6 +8,7 @@ Every conversion lives here, as rename tables plus a shape normalisation pass.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -20,8 +21,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
-DIR_FILES = ("model.safetensors", "encoder.safetensors", "pytorch_model.bin", "model.pt", "model.pth",
-             "checkpoint.pth", "checkpoint.pt")
+DIR_FILES = ("model.safetensors", "encoder.safetensors", "best.safetensors", "fcmae.safetensors", "pytorch_model.bin",
+             "model.pt", "model.pth", "checkpoint.pth", "checkpoint.pt")
 HEAD_KEYS = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
 
 # (pattern, replacement) applied in order to every key; a layout is a list of these
@@ -82,8 +83,9 @@ def read_state_dict(source, use_ema: bool = False) -> dict[str, torch.Tensor]:
 
             obj = load_file(str(source))
         else:
-            try:
-                obj = torch.load(source, map_location="cpu", weights_only=True)
+            try:  # the official training checkpoints keep their argparse.Namespace of args next to the weights
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    obj = torch.load(source, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise ValueError(f"Could not read checkpoint {source}: {e}. fcmae reads safetensors files and "
                                  "PyTorch pickles of plain types (weights_only=True).") from e
@@ -121,15 +123,17 @@ def _hub_file(repo_id: str) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo_id, _, revision = repo_id.partition("@")
+    offline = None
     for name in DIR_FILES:
         try:
             return Path(hf_hub_download(repo_id, name, revision=revision or None))
+        except LocalEntryNotFoundError as e:  # first: a subclass of EntryNotFoundError in huggingface_hub >= 1.0
+            offline = e
         except EntryNotFoundError:
             continue
-        except LocalEntryNotFoundError as e:
-            if name == DIR_FILES[-1]:
-                raise FileNotFoundError(f"hf-hub:{repo_id}: no model file in the local cache and the Hub cannot be "
-                                        "reached (HF_HUB_OFFLINE set or no network).") from e
+    if offline is not None:
+        raise FileNotFoundError(f"hf-hub:{repo_id}: no model file in the local cache and the Hub cannot be "
+                                "reached (HF_HUB_OFFLINE set or no network).") from offline
     raise FileNotFoundError(f"hf-hub:{repo_id} holds none of {', '.join(DIR_FILES)}.")
 
 

@@ -54,6 +54,10 @@ def _data_config(cfg) -> fdata.DataConfig:
 
 
 def _validate(cfg) -> None:
+    if cfg.push_to_hub:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(cfg.push_to_hub)  # a typo fails now, not after training
     if cfg.input_size % 32:
         raise ValueError(f"--input-size must be a multiple of 32 (the encoder's stride); got {cfg.input_size}. "
                          f"Try {max(32, round(cfg.input_size / 32) * 32)}.")
@@ -94,6 +98,10 @@ def pretrain(cfg) -> Path:
     raw = create_fcmae(cfg.model, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
                        decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend,
                        drop_path_rate=cfg.drop_path)
+    if cfg.init_from:
+        from .hub import load_fcmae_weights
+
+        say(log_fmt.format(str(load_fcmae_weights(raw, cfg.init_from))))
     if cfg.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     dcfg = _data_config(cfg)
@@ -123,9 +131,24 @@ def pretrain(cfg) -> Path:
 
     resolved = {**asdict(cfg), "world_size": world, "effective_batch_size": eff_batch, "abs_lr": lr,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps_resolved": warmup}
-    ckpt = resolve_resume(cfg.resume, out)
     pos = dict(step=0, epoch=0, batch=0, num_bad=0, num_seen=0)
-    if ckpt is not None:
+    hub_resume = bool(cfg.resume) and str(cfg.resume).startswith("hf-hub:")
+    ckpt = None if hub_resume else resolve_resume(cfg.resume, out)
+    if hub_resume:
+        # A pushed FCMAE holds the weights and the step, not the optimizer: the schedule and the data
+        # position continue from that step, AdamW's moments start afresh (close to, not bitwise, exact).
+        from safetensors import safe_open
+
+        from .hub import load_fcmae_weights
+        from .hub_formats import _fcmae_file
+
+        say(log_fmt.format(str(load_fcmae_weights(accelerator.unwrap_model(model), cfg.resume))))
+        with safe_open(str(_fcmae_file(cfg.resume)), "pt") as f:
+            pushed_step = int((f.metadata() or {}).get("step", 0))
+        pos.update(step=pushed_step, epoch=pushed_step // steps_per_epoch,
+                   batch=pushed_step % steps_per_epoch * cfg.grad_accum)
+        say(log_fmt.format(f"continuing {cfg.resume} from step {pushed_step} with fresh optimizer state"))
+    elif ckpt is not None:
         accelerator.load_state(str(ckpt))
         pos.update(read_position(ckpt))
         say(log_fmt.format(f"resumed from {ckpt} at step {pos['step']} (epoch {pos['epoch']}, batch {pos['batch']})"))
@@ -256,6 +279,12 @@ def pretrain(cfg) -> Path:
         if same is False:
             raise RuntimeError("Parameters differ across processes at the end of training: distributed sync is broken.")
     say(log_fmt.format(f"done: {step} steps; {num_bad} bad images of {num_seen} seen. Outputs in {out}"))
+    if cfg.push_to_hub and accelerator.is_main_process:
+        from .hub import export_and_push
+
+        url = export_and_push(out, cfg.push_to_hub, model=cfg.model, formats=("timm", "fcmae"), private=cfg.hub_private,
+                              datasets=[cfg.dataset_name] if cfg.dataset_name else ())
+        say(log_fmt.format(f"pushed to {url}"))
     # Teardown: drop references before end_training (avoids a gloo abort at exit, REFERENCE.md sec. 6)
     del model, optimizer, loader
     accelerator.free_memory()

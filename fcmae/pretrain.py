@@ -73,6 +73,9 @@ class PretrainConfig:
     report_to: str = "auto"  # auto (tensorboard if installed) | none | tensorboard | wandb | all
     recon_every: int | None = _help("steps between reconstruction images (default: save_every)")
     num_recon: int = 4
+    init_from: str | None = _help("start from a full FCMAE's weights (fcmae.safetensors, run dir, hf-hub:...)")
+    push_to_hub: str | None = _help("OWNER/NAME: export (timm + fcmae formats) and push at the end")
+    hub_private: bool = False
 
 
 # the no-argument run: a small model on the shipped photos, a few minutes on a laptop CPU

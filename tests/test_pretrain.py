@@ -237,3 +237,26 @@ def test_bad_arguments_fail_fast(images, tmp_path):
     assert proc.returncode != 0 and "nowhere" in proc.stderr
     proc = run([*TINY, "--data", str(images), "--model", "convnextv2_gigantic"], check=False)
     assert proc.returncode != 0 and "Unknown model" in proc.stderr
+
+
+def test_resume_from_a_pushed_fcmae(reference_run, images, tmp_path):
+    """An exported full FCMAE in the Hub cache: --resume hf-hub: continues from its step, offline."""
+    from test_hub import _populate_cache
+
+    export = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "fcmae.hub", "export", "--checkpoint", str(reference_run), "--format",
+                    "fcmae", "--out", str(export)], env=ENV, check=True, cwd=ROOT, capture_output=True)
+    _populate_cache(tmp_path / "cache", "someone/atto-fcmae", export, "0" * 40)
+    out = tmp_path / "out"
+    proc = run([*TINY, "--data", str(images), "--grad-accum", "2", "--max-steps", "14", "--save-every", "100",
+                "--resume", "hf-hub:someone/atto-fcmae", "--output-dir", str(out)],
+               env={"HF_HUB_CACHE": str(tmp_path / "cache")})
+    assert "from step 12" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [13, 14]
+    # the loaded weights were the run's: before any step, the model equals the exported one
+    from fcmae.hub import load_fcmae_weights
+
+    model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=32)
+    load_fcmae_weights(model, str(export))
+    assert_bitwise_equal({k: v for k, v in model.state_dict().items()}, weights(reference_run))

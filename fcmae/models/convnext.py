@@ -90,7 +90,7 @@ class ConvNeXt(nn.Module):
             stem.append(LayerNorm2d(cfg.dims[0]))
         self.stem = nn.Sequential(*stem)
         # drop path grows linearly from 0 to drop_path_rate over all blocks
-        dp = torch.linspace(0, drop_path_rate, sum(cfg.depths)).tolist()
+        dp = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # works under a meta device
         stages, start, in_dim = [], 0, cfg.dims[0]
         for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
             stages.append(Stage(in_dim, dim, depth, dp[start:start + depth], cfg, first=i == 0))
