@@ -19,7 +19,10 @@ axis fastest, so a dense weight ``w[..., kh, kw]`` sits at kernel row ``kh + k *
 - Output: scattered into a zero (N, C4, h, w) map.
 
 The ME modules own no parameters: their kernels are reshapes of the dense weights, set per call, so
-gradients flow to the dense model's parameters and nothing has to be copied or kept in sync.
+gradients flow to the dense model's parameters and nothing has to be copied or kept in sync. Each
+forward builds its own ME coordinate manager with torch's thread count (ME's default resets the
+OpenMP thread count to the number of cores on every construction). MinkowskiEngine is imported on
+first use, never by ``import fcmae``.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from .masking import keep_map
 
 INSTALL_HINT = (
     "The 'minkowski' backend needs MinkowskiEngine 0.5.4, an optional dependency built from source "
-    "(about 7 minutes on 2 CPU cores). Install it into the active virtual environment with "
+    "(about 7 minutes on 2 idle CPU cores). Install it into the active virtual environment with "
     "`bash .ci/install_minkowski.sh` (needs a C++ compiler and libopenblas-dev; see the README, "
     "'Optional: the MinkowskiEngine backend'), or use backend='gather' (fastest) or 'dense' (reference), "
     "which compute the same thing."
@@ -85,8 +88,13 @@ def _module(kind: str, *args):
     return mod
 
 
-def _conv(mod, x, kernel: torch.Tensor):
-    mod.kernel = kernel
+def _conv(mod, x, kernel: torch.Tensor, native: bool = True):
+    """``mod(x)`` with ``kernel`` (a reshape of a dense weight, so autograd reaches that weight).
+    ``native``: the op runs in ME's C++/CUDA code, which takes fp32/fp64 only (upcast otherwise,
+    e.g. under bf16 autocast); the channelwise conv is plain torch and runs in any dtype."""
+    if native and x.F.dtype not in (torch.float32, torch.float64):
+        x = _with_features(import_minkowski(), x, x.F.float())
+    mod.kernel = kernel.to(x.F.dtype).contiguous()
     try:
         return mod(x)
     finally:
@@ -103,6 +111,15 @@ def conv_kernel(weight: torch.Tensor) -> torch.Tensor:
     """Dense conv weight (Cout, Cin, k, k) -> ME kernel (k*k, Cin, Cout), row kh + k*kw."""
     o, i, k, _ = weight.shape
     return weight.permute(3, 2, 1, 0).reshape(k * k, i, o)
+
+
+def coordinate_manager(like: torch.Tensor):
+    """A fresh ME coordinate manager for tensors like ``like``. ME's default calls
+    ``omp_set_num_threads(min(os.cpu_count(), 20))`` on the calling thread at every construction,
+    silently undoing ``torch.set_num_threads``; pass torch's own thread count instead."""
+    ME = import_minkowski()
+    kind = ME.CoordinateMapType.CUDA if like.is_cuda else ME.CoordinateMapType.CPU
+    return ME.CoordinateManager(D=2, num_threads=torch.get_num_threads(), coordinate_map_type=kind)
 
 
 def _with_features(ME, x, feats: torch.Tensor):
@@ -133,7 +150,7 @@ def _block(ME, blk, x, n: int):
     if feats.is_cuda and hasattr(ME, "MinkowskiDepthwiseConvolution"):
         y = _conv(_module("depthwise", c), x, kernel).F
     else:
-        y = _conv(_module("channelwise", c), x, kernel).F
+        y = _conv(_module("channelwise", c), x, kernel, native=False).F
     if blk.conv_dw.bias is not None:
         y = y + blk.conv_dw.bias
     mlp = blk.mlp
@@ -149,8 +166,18 @@ def _block(ME, blk, x, n: int):
     return _with_features(ME, x, feats + y)
 
 
-def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
-                    num_visible: int | None = None) -> torch.Tensor:
+def __getattr__(name: str):
+    # `from .minkowski import forward_encoder` (what `get_backend("minkowski")` does when an FCMAE
+    # is built) imports MinkowskiEngine, so a missing install fails at construction with the install
+    # steps, not at the first training step; importing this module alone never needs it.
+    if name == "forward_encoder":
+        import_minkowski()
+        return _forward_encoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
+                     num_visible: int | None = None) -> torch.Tensor:
     """imgs (N, 3, H, W), mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches. ``num_visible`` is accepted for the backend interface and
     not needed: sparse tensors hold any number of sites per sample."""
@@ -167,7 +194,7 @@ def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple
     if len(stem) > 1:
         feats = _layer_norm(stem[1], feats)
     coords = torch.stack([b, r * s, c * s], dim=1).int().to(feats.device)
-    x = ME.SparseTensor(feats, coordinates=coords, tensor_stride=s)
+    x = ME.SparseTensor(feats, coordinates=coords, tensor_stride=s, coordinate_manager=coordinate_manager(feats))
     for stage in encoder.stages:
         ds = stage.downsample
         if not isinstance(ds, nn.Identity):
