@@ -80,6 +80,8 @@ class FinetuneConfig:
     checkpoint: str | None = _help("classifier weights for --eval-only (e.g. best.safetensors)")
     log_every: int = 20
     report_to: str = "auto"  # auto (tensorboard if installed) | none | tensorboard | wandb | all
+    push_to_hub: str | None = _help("OWNER/NAME: export best.safetensors (timm + transformers) and push at the end")
+    hub_private: bool = False
 
 
 # Linear probing (a quick read-out of pretraining): no augmentation beyond crop and flip, no
@@ -93,6 +95,10 @@ def choose_preset(flags: dict, file_values: dict) -> dict:
 
 
 def validate(cfg: FinetuneConfig) -> None:
+    if cfg.push_to_hub:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(cfg.push_to_hub)  # a typo fails now, not after training
     if cfg.input_size % 32 or cfg.input_size <= 0:
         raise ValueError(f"--input-size must be a positive multiple of 32 (the encoder's stride); got "
                          f"{cfg.input_size}. Try {max(32, round(cfg.input_size / 32) * 32)}.")

@@ -235,6 +235,12 @@ def finetune(cfg) -> Path:
         if same is False:
             raise RuntimeError("Parameters differ across processes at the end of training: distributed sync is broken.")
     say(log_fmt.format(f"done: best acc1 {pos['best_acc1']:.2f} (epoch {pos['best_epoch']}). Outputs in {out}"))
+    if cfg.push_to_hub and accelerator.is_main_process:
+        from .hub import export_and_push
+
+        url = export_and_push(out / "best.safetensors", cfg.push_to_hub, formats=("timm", "transformers"),
+                              private=cfg.hub_private, datasets=[cfg.dataset_name] if cfg.dataset_name else ())
+        say(log_fmt.format(f"pushed to {url}"))
     # Teardown: drop references before end_training (avoids a gloo abort at exit, REFERENCE.md sec. 6)
     del model, optimizer, train_loader, val_loader, ema, raw
     accelerator.free_memory()

@@ -344,3 +344,46 @@ def test_official_fcmae_training_checkpoint_loads_whole(rel_err, tmp_path):
     assert torch.equal(block.mlp.fc1.weight, official["decoder.0.pwconv1.weight"])
     assert torch.equal(block.mlp.grn.weight, official["decoder.0.grn.gamma"].flatten())
     assert torch.equal(block.mlp.grn.bias, official["decoder.0.grn.beta"].flatten())
+
+
+@pytest.mark.parametrize("runner", ["pretrain", "finetune"])
+def test_runner_push_to_hub(runner, tmp_path, monkeypatch):
+    """--push-to-hub at the end of a run: exports, then create_repo + upload_folder on the real API surface."""
+    from unittest import mock
+
+    import numpy as np
+    from huggingface_hub import HfApi
+    from PIL import Image
+
+    import fcmae.hub
+
+    api = mock.create_autospec(HfApi, instance=True)
+    uploaded = {}
+    api.upload_folder.side_effect = lambda **kw: uploaded.update(files=sorted(
+        str(p.relative_to(kw["folder_path"])) for p in Path(kw["folder_path"]).rglob("*") if p.is_file()))
+    monkeypatch.setattr(fcmae.hub, "HfApi", lambda *a, **k: api)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / label / f"{i}.png")
+    common = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--num-workers", "0",
+              "--report-to", "none", "--output-dir", str(tmp_path / "out"), "--push-to-hub", "me/atto-test",
+              "--hub-private"]
+    if runner == "pretrain":
+        from fcmae.pretrain import main
+
+        main([*common, "--data", str(tmp_path / "data" / "train"), "--max-steps", "2", "--decoder-dim", "32",
+              "--num-recon", "0"])
+        expected = {"config.json", "model.safetensors", "README.md", "fcmae.safetensors"}
+    else:
+        from fcmae.finetune import main
+
+        main([*common, "--data", str(tmp_path / "data"), "--epochs", "1", "--aa", "none", "--reprob", "0"])
+        expected = {"config.json", "model.safetensors", "README.md", "transformers/config.json"}
+    api.create_repo.assert_called_once()
+    assert api.create_repo.call_args.args[0] == "me/atto-test" and api.create_repo.call_args.kwargs["private"] is True
+    assert api.upload_folder.call_args.kwargs["repo_id"] == "me/atto-test"
+    assert expected <= set(uploaded["files"])
