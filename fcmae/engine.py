@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,8 +22,7 @@ from . import data as fdata
 from .config import save_yaml
 from .fcmae import create_fcmae
 from .optim import lr_at, param_groups, set_lr
-from .state import (complete_checkpoints, fault_point, read_position, resolve_resume, save_checkpoint,
-                    save_safetensors)
+from .state import complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log
 
 log_fmt = "[fcmae] {}"
 
@@ -133,7 +131,6 @@ def pretrain(cfg) -> Path:
                 "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps_resolved": warmup}
     pos = dict(step=0, epoch=0, batch=0, num_bad=0, num_seen=0)
     hub_resume = bool(cfg.resume) and str(cfg.resume).startswith("hf-hub:")
-    ckpt = None if hub_resume else resolve_resume(cfg.resume, out)
     if hub_resume:
         # A pushed FCMAE holds the weights and the step, not the optimizer: the schedule and the data
         # position continue from that step, AdamW's moments start afresh (close to, not bitwise, exact).
@@ -148,15 +145,12 @@ def pretrain(cfg) -> Path:
         pos.update(step=pushed_step, epoch=pushed_step // steps_per_epoch,
                    batch=pushed_step % steps_per_epoch * cfg.grad_accum)
         say(log_fmt.format(f"continuing {cfg.resume} from step {pushed_step} with fresh optimizer state"))
-    elif ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        pos.update(read_position(ckpt))
-        say(log_fmt.format(f"resumed from {ckpt} at step {pos['step']} (epoch {pos['epoch']}, batch {pos['batch']})"))
-    elif cfg.resume and cfg.resume != "auto":
-        raise FileNotFoundError(f"--resume {cfg.resume}: nothing to resume from.")
+    else:
+        restore(accelerator, cfg.resume, out, pos, say)
     if accelerator.is_main_process:
         (out / "reconstructions").mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, out / "config.yaml")
+        trim_log(out / "log.jsonl", lambda row: row["step"] <= pos["step"])
     accelerator.init_trackers("fcmae-pretrain", config={k: v for k, v in resolved.items()
                                                        if isinstance(v, (int, float, str, bool))})
     recon_imgs = _recon_batch(cfg, dcfg, cfg.num_recon).to(accelerator.device) if cfg.num_recon else None

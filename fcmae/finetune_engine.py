@@ -27,8 +27,8 @@ from .engine import _trackers, log_fmt, step_seed
 from .finetune import build_model, classifier_metadata
 from .layer_decay import param_groups_layer_decay
 from .optim import lr_at, set_lr
-from .state import (complete_checkpoints, fault_point, read_position, resolve_resume, save_checkpoint,
-                    save_safetensors, write_atomic_text)
+from .state import (complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log,
+                    write_atomic_text)
 
 
 @torch.no_grad()
@@ -120,22 +120,15 @@ def finetune(cfg) -> Path:
                 "effective_batch_size": eff_batch, "abs_lr": lr, "steps_per_epoch": steps_per_epoch,
                 "total_steps": total, "warmup_steps_resolved": warmup}
 
-    ckpt = resolve_resume(cfg.resume, out)
     pos = dict(step=0, epoch=0, batch=0, loss_sum=0.0, best_acc1=-1.0, best_epoch=-1, best_ema_acc1=-1.0,
                best_ema_epoch=-1, num_bad=0, num_seen=0)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        pos.update(read_position(ckpt))
-        say(log_fmt.format(f"resumed from {ckpt} at step {pos['step']} (epoch {pos['epoch']}, batch {pos['batch']})"))
-    elif cfg.resume and cfg.resume != "auto":
-        raise FileNotFoundError(f"--resume {cfg.resume}: nothing to resume from.")
+    ckpt = restore(accelerator, cfg.resume, out, pos, say)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, out / "config.yaml")
         write_atomic_text(out / "labels.txt", "".join(f"{n}\n" for n in names))
-        log_path = out / "log.jsonl"  # drop rows of epochs the resumed run repeats
-        rows = log_path.read_text().splitlines() if log_path.is_file() and ckpt is not None else []
-        write_atomic_text(log_path, "".join(r + "\n" for r in rows if json.loads(r)["epoch"] < pos["epoch"]))
+        # a fresh run starts a fresh log; a resumed one drops the rows of the epochs it repeats
+        trim_log(out / "log.jsonl", lambda row: ckpt is not None and row["epoch"] < pos["epoch"])
     accelerator.init_trackers("fcmae-finetune", config={k: v for k, v in resolved.items()
                                                        if isinstance(v, (int, float, str, bool))})
 

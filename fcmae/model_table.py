@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .models import list_models, create_model
+from .models import create_model, list_models
 
 # Figures as printed, so their precision is known. V2: REFERENCE.md section 1 (ConvNeXt V2 paper
 # and README). V1: "A ConvNet for the 2020s", Tables 1 and 2, and the official README

@@ -57,6 +57,28 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     return found[-1]
 
 
+def restore(accelerator, resume: str | None, output_dir, position: dict, say=print) -> Path | None:
+    """Load the checkpoint ``--resume`` names (Accelerate state into the prepared objects, the
+    training position into ``position``); None when there is nothing to resume (``auto`` on a new run)."""
+    ckpt = resolve_resume(resume, output_dir)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        position.update(read_position(ckpt))
+        say(f"[fcmae] resumed from {ckpt} at step {position['step']} (epoch {position['epoch']}, "
+            f"batch {position['batch']})")
+    elif resume and resume != "auto":
+        raise FileNotFoundError(f"--resume {resume}: nothing to resume from.")
+    return ckpt
+
+
+def trim_log(path: Path, keep) -> None:
+    """Keep the rows of a JSON-lines log for which ``keep(row)`` holds: a resumed run drops the rows
+    of the steps it repeats, so the log reads as one uninterrupted run."""
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r.strip()]
+        write_atomic_text(path, "".join(r + "\n" for r in rows if keep(json.loads(r))))
+
+
 def read_position(ckpt: Path) -> dict:
     return json.loads((ckpt / POSITION).read_text())
 

@@ -106,6 +106,10 @@ def test_resume_after_sigkill_is_bitwise_exact(reference_run, images, tmp_path, 
     assert "resumed from" in resumed.stdout + resumed.stderr and "step 4" in resumed.stdout + resumed.stderr
     assert_bitwise_equal(weights(tmp_path), weights(reference_run))
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    # the log reads as one run: no step twice, and the same losses as the uninterrupted run
+    log, ref = ((p / "log.jsonl").read_text().splitlines() for p in (tmp_path, reference_run))
+    assert [json.loads(r)["step"] for r in log] == list(range(1, 13))
+    assert [json.loads(r)["loss"] for r in log] == [json.loads(r)["loss"] for r in ref]
 
 
 def test_resume_after_kill_at_a_random_moment(reference_run, images, tmp_path):

@@ -1,0 +1,84 @@
+"""Data-loading throughput: decoded + augmented images/s for each --num-workers, so users can size
+it against the training step's images/s (benchmarks/bench_pretrain.py). Prints a table, saves JSON
+and a PNG plot.
+
+    python benchmarks/bench_data.py                                  # the built-in demo photos, 224 px
+    python benchmarks/bench_data.py --data /path/to/images --workers 0 1 2 4 8 --input-size 224
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def measure(cfg, batch_size: int, workers: int, batches: int) -> float:
+    from fcmae.data import build_pretrain_loader
+
+    loader = build_pretrain_loader(cfg, batch_size, num_workers=workers, seed=0)
+    seen, epoch, t0 = 0, 0, None
+    while seen < batches:
+        loader.set_epoch(epoch)
+        for i, (imgs, _) in enumerate(loader):
+            if t0 is None:  # start after the first batch: worker start-up is not throughput
+                t0 = time.perf_counter()
+                continue
+            seen += 1
+            if seen >= batches:
+                break
+        epoch += 1
+    return seen * batch_size / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="anything --data of pretraining takes (default: demo photos)")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_loading_cpu.json"))
+    args = p.parse_args()
+    from fcmae.data import DataConfig
+
+    from bench_pretrain import machine  # benchmarks/ is on the path when run as a script
+
+    cfg = DataConfig(data=args.data, input_size=args.input_size)
+    rows = []
+    print(f"{'workers':>7s} {'images/s':>9s} {'per worker':>10s}")
+    for w in args.workers:
+        ips = measure(cfg, args.batch_size, w, args.batches)
+        rows.append(dict(workers=w, images_per_sec=ips, per_worker=ips / max(w, 1)))
+        print(f"{w:7d} {ips:9.1f} {ips / max(w, 1):10.1f}", flush=True)
+    info = machine()
+    print(f"{info['device']} | {args.data or 'demo photos'} | {args.input_size} px | RandomResizedCrop + flip + "
+          "normalise | batch " + str(args.batch_size))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "data": args.data or "demo", "input_size": args.input_size,
+                               "batch_size": args.batch_size, "rows": rows}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["workers"] for r in rows], [r["images_per_sec"] for r in rows], "o-")
+        ax.set_xlabel("--num-workers")
+        ax.set_ylabel("images / s (decode + augment)")
+        ax.set_title(info["device"], fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
