@@ -29,7 +29,9 @@ def grn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dims, eps: fl
     """
     gx = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
-    return torch.addcmul(bias + x, weight, x * nx)
+    # gamma * (x * nx) + beta + x, written as x * (1 + gamma * nx) + beta: the factor is per (sample,
+    # channel), so the full-size tensor is read and written once instead of three times
+    return torch.addcmul(bias, x, 1 + weight * nx)
 
 
 class GRN(nn.Module):
