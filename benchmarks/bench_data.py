@@ -2,7 +2,7 @@
 it against the training step's images/s (benchmarks/bench_pretrain.py). Prints a table, saves JSON
 and a PNG plot.
 
-    python benchmarks/bench_data.py                                  # the built-in demo photos, 224 px
+    python benchmarks/bench_data.py                                  # 512 JPEGs cut from the demo photos, 224 px
     python benchmarks/bench_data.py --data /path/to/images --workers 0 1 2 4 8 --input-size 224
 """
 from __future__ import annotations
@@ -35,20 +35,43 @@ def measure(cfg, batch_size: int, workers: int, batches: int) -> float:
     return seen * batch_size / (time.perf_counter() - t0)
 
 
+def synthetic_folder(n: int) -> str:
+    """n JPEGs cut from the demo photos (26 of them make one batch per epoch, where worker start-up
+    would dominate): 256-px random crops, re-encoded, in a temporary folder."""
+    import random
+    import tempfile
+
+    from PIL import Image
+
+    from fcmae.data import DEMO_DIR
+
+    photos = [Image.open(p).convert("RGB") for p in sorted(DEMO_DIR.glob("*.jpg"))]
+    folder = Path(tempfile.mkdtemp(prefix="fcmae_bench_data_"))
+    rng = random.Random(0)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        s = min(img.size + (256,))
+        x, y = rng.randint(0, img.width - s), rng.randint(0, img.height - s)
+        img.crop((x, y, x + s, y + s)).resize((256, 256)).save(folder / f"{i:04d}.jpg", quality=90)
+    return str(folder)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="anything --data of pretraining takes (default: demo photos)")
+    p.add_argument("--data", default=None, help="anything --data of pretraining takes (default: 512 JPEGs cut "
+                   "from the demo photos)")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--batches", type=int, default=24)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_loading_cpu.json"))
     args = p.parse_args()
     from fcmae.data import DataConfig
 
     from bench_pretrain import machine  # benchmarks/ is on the path when run as a script
 
-    cfg = DataConfig(data=args.data, input_size=args.input_size)
+    data = args.data or synthetic_folder(512)
+    cfg = DataConfig(data=data, input_size=args.input_size)
     rows = []
     print(f"{'workers':>7s} {'images/s':>9s} {'per worker':>10s}")
     for w in args.workers:
@@ -56,11 +79,11 @@ def main() -> None:
         rows.append(dict(workers=w, images_per_sec=ips, per_worker=ips / max(w, 1)))
         print(f"{w:7d} {ips:9.1f} {ips / max(w, 1):10.1f}", flush=True)
     info = machine()
-    print(f"{info['device']} | {args.data or 'demo photos'} | {args.input_size} px | RandomResizedCrop + flip + "
+    print(f"{info['device']} | {args.data or '512 demo-photo crops (256 px JPEG)'} | {args.input_size} px | RandomResizedCrop + flip + "
           "normalise | batch " + str(args.batch_size))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "data": args.data or "demo", "input_size": args.input_size,
+    out.write_text(json.dumps({"machine": info, "data": args.data or "512 demo-photo crops (256 px JPEG)", "input_size": args.input_size,
                                "batch_size": args.batch_size, "rows": rows}, indent=1))
     try:
         import matplotlib
