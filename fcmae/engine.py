@@ -22,6 +22,7 @@ from . import data as fdata
 from .config import save_yaml
 from .fcmae import create_fcmae
 from .optim import lr_at, param_groups, set_lr
+from .sparse import gen_random_mask
 from .state import complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log
 
 log_fmt = "[fcmae] {}"
@@ -31,12 +32,9 @@ def _trackers(report_to: str | None):
     if not report_to or report_to == "none":
         return None
     if report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
+        import importlib.util
 
-            return ["tensorboard"]
-        except ImportError:
-            return None
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
     return "all" if report_to == "all" else report_to.split(",")
 
 
@@ -173,7 +171,7 @@ def pretrain(cfg) -> Path:
         gen = torch.Generator().manual_seed(cfg.seed)  # the same masks every time
         unwrapped = accelerator.unwrap_model(model)
         h, w = unwrapped.grid(recon_imgs)
-        mask = fdata_mask(len(recon_imgs), h * w, cfg.mask_ratio, gen).to(accelerator.device)
+        mask = gen_random_mask(len(recon_imgs), h * w, cfg.mask_ratio, generator=gen).to(accelerator.device)
         with accelerator.autocast():
             panel = reconstruction_panel(model, unwrapped, recon_imgs, mask)
         if accelerator.is_main_process:
@@ -284,9 +282,3 @@ def pretrain(cfg) -> Path:
     accelerator.free_memory()
     accelerator.end_training()
     return out
-
-
-def fdata_mask(n: int, num_patches: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
-    from .sparse import gen_random_mask
-
-    return gen_random_mask(n, num_patches, ratio, generator=gen)
