@@ -118,16 +118,7 @@ def perturbed(state: dict) -> dict:
 
 # --------------------------------------------------------------------------- source formats, built by hand
 
-
-def me_kernel(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
-    """MinkowskiEngine kernel: offset (h, w) of a k x k kernel at index h + k * w (first axis fastest);
-    (Cin, Cout) per offset, or (C,) for a depthwise conv."""
-    k = weight.shape[-1]
-    kernel = torch.empty(k * k, *((weight.shape[0],) if depthwise else (weight.shape[1], weight.shape[0])))
-    for h in range(k):
-        for w in range(k):
-            kernel[h + k * w] = weight[:, 0, h, w] if depthwise else weight[:, :, h, w].T
-    return kernel
+from test_checkpoints import minkowski_kernel as me_kernel  # noqa: E402  (brute-force loops over kernel offsets)
 
 
 def official_block_keys(prefix: str, ours: str, v: torch.Tensor, minkowski: bool) -> tuple[str, torch.Tensor]:
