@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Tests never touch the network: a Hub name must fail fast instead of trying to download.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,3 +22,19 @@ def rel_err():
     def fn(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).abs().max() / b.abs().max()).item()
     return fn
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# the environment of every command-line test: offline, one thread (the CI machine has two cores), no fault hook
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+CLI_ENV.pop("FCMAE_FAULT", None)
+
+
+def run_cli(args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """``python ARGS...`` from the repository root, as a user runs it; with ``check``, a non-zero
+    exit fails the test with the command's output."""
+    proc = subprocess.run([sys.executable, *map(str, args)], env={**CLI_ENV, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

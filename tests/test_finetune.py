@@ -6,7 +6,6 @@ transformers' own savers or built here by hand from REFERENCE.md section 5; pret
 from the FCMAE model that produced them; layer-decay scales are computed by hand."""
 import argparse
 import json
-import os
 import shutil
 import signal
 import socket
@@ -23,13 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fcmae
+from conftest import CLI_ENV as ENV
+from conftest import ROOT, run_cli
 from fcmae.finetune import FinetuneConfig, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 FINETUNE, PRETRAIN = str(ROOT / "finetune" / "run.py"), str(ROOT / "fcmae" / "pretrain.py")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONUNBUFFERED": "1"}
-ENV.pop("FCMAE_FAULT", None)
 CLASSES = ["circle", "square", "triangle"]
 N_TRAIN, N_VAL = 4, 3  # per class
 TINY = ["--input-size", "64", "--batch-size", "4", "--num-workers", "0", "--report-to", "none"]
@@ -64,11 +61,7 @@ def make_shapes(root: Path, seed: int = 0) -> Path:
 
 
 def run(script, args, env=None, check=True, module=False):
-    cmd = [sys.executable, *(["-m", script] if module else [script]), *map(str, args)]
-    proc = subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_cli([*(["-m", script] if module else [script]), *args], env=env, check=check)
 
 
 def rows(out: Path) -> list[dict]:

@@ -1,6 +1,5 @@
 """The pretraining runner, driven as a user would: `python fcmae/pretrain.py ...` in a subprocess."""
 import json
-import os
 import random
 import signal
 import socket
@@ -17,13 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import fcmae
+from conftest import CLI_ENV as ENV
+from conftest import ROOT, run_cli
 from fcmae.config import parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "fcmae" / "pretrain.py")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONUNBUFFERED": "1"}
-ENV.pop("FCMAE_FAULT", None)
 TINY = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--decoder-dim", "32",
         "--num-workers", "0", "--report-to", "none", "--log-every", "1", "--num-recon", "2", "--lr", "1e-3",
         "--warmup-steps", "2"]
@@ -40,12 +37,8 @@ def make_images(folder: Path, n: int = 24, seed: int = 0) -> Path:
     return folder
 
 
-def run(args, env=None, check=True, timeout=600):
-    proc = subprocess.run([sys.executable, SCRIPT, *args], env={**ENV, **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+def run(args, env=None, check=True):
+    return run_cli([SCRIPT, *args], env=env, check=check)
 
 
 def weights(out: Path) -> dict:
