@@ -26,7 +26,7 @@ DIR_FILES = ("model.safetensors", "encoder.safetensors", "best.safetensors", "fc
 HEAD_KEYS = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
 
 # (pattern, replacement) applied in order to every key; a layout is a list of these
-_HF = [  # transformers ConvNextV2 / ConvNext
+HF_RENAMES = [  # transformers ConvNextV2 / ConvNext
     (r"^(convnextv2|convnext)\.", ""),
     (r"^embeddings\.patch_embeddings\.", "stem.0."),
     (r"^embeddings\.layernorm\.", "stem.1."),
@@ -37,7 +37,7 @@ _HF = [  # transformers ConvNextV2 / ConvNext
     (r"\.grn\.", ".mlp.grn."), (r"\.layer_scale_parameter$", ".gamma"),
     (r"^layernorm\.", "head.norm."), (r"^classifier\.", "head.fc."),
 ]
-_OFFICIAL = [  # official dense code: ConvNeXt V1/V2 fine-tuned, released *_fcmae.pt, isotropic V1
+OFFICIAL_RENAMES = [  # official dense code: ConvNeXt V1/V2 fine-tuned, released *_fcmae.pt, isotropic V1
     (r"^encoder\.", ""),
     (r"^downsample_layers\.0\.", "stem."),
     (r"^downsample_layers\.(\d+)\.(\d)\.", r"stages.\1.downsample.\2."),
@@ -48,7 +48,7 @@ _OFFICIAL = [  # official dense code: ConvNeXt V1/V2 fine-tuned, released *_fcma
     (r"\.grn\.gamma$", ".mlp.grn.weight"), (r"\.grn\.beta$", ".mlp.grn.bias"),
     (r"^norm\.", "head.norm."), (r"^head\.(weight|bias)$", r"head.fc.\1"),
 ]
-_FCMAE = [(r"^encoder\.", "")]  # fcmae's FCMAE model: the encoder is a plain ConvNeXt
+FCMAE_RENAMES = [(r"^encoder\.", "")]  # fcmae's FCMAE model: the encoder is a plain ConvNeXt
 
 
 @dataclass
@@ -77,7 +77,7 @@ def read_state_dict(source, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Tensors from a path (.safetensors, or a pickle read with ``weights_only=True``), a directory
     holding an exported model, an ``hf-hub:owner/name`` id, or a dict; wrappers unwrapped."""
     if isinstance(source, (str, os.PathLike)):
-        source = _resolve_path(str(source))
+        source = resolve_path(str(source))
         if source.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -103,7 +103,7 @@ def read_state_dict(source, use_ema: bool = False) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _resolve_path(source: str) -> Path:
+def resolve_path(source: str) -> Path:
     if source.startswith("hf-hub:"):
         return _hub_file(source.removeprefix("hf-hub:"))
     path = Path(source).expanduser()
@@ -154,7 +154,7 @@ def detect_layout(sd: dict[str, torch.Tensor]) -> str:
                      "transformers ConvNext(V2) and the official ConvNeXt(V2) layouts.")
 
 
-def _rename(sd: dict, table: list[tuple[str, str]]) -> dict:
+def rename_keys(sd: dict, table: list[tuple[str, str]]) -> dict:
     out = {}
     for k, v in sd.items():
         for pat, rep in table:
@@ -163,7 +163,7 @@ def _rename(sd: dict, table: list[tuple[str, str]]) -> dict:
     return out
 
 
-def _normalise_shapes(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+def normalise_shapes(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         if ".grn." in k or (k.endswith(".bias") and v.ndim == 2 and v.shape[0] == 1) or k.endswith(".gamma"):
@@ -198,9 +198,9 @@ def convert_state_dict(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, torc
         sd = {k: v for k, v in sd.items() if k.startswith(encoder)}
     else:
         ignored = []
-    table = {"transformers": _HF, "official": _OFFICIAL, "official-minkowski": _OFFICIAL, "fcmae-pretrain": _FCMAE,
+    table = {"transformers": HF_RENAMES, "official": OFFICIAL_RENAMES, "official-minkowski": OFFICIAL_RENAMES, "fcmae-pretrain": FCMAE_RENAMES,
              "timm": []}[layout]
-    return layout, _normalise_shapes(_rename(sd, table), layout), ignored
+    return layout, normalise_shapes(rename_keys(sd, table), layout), ignored
 
 
 def describe_architecture(sd: dict[str, torch.Tensor]) -> str:

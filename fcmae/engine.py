@@ -135,10 +135,10 @@ def pretrain(cfg) -> Path:
         from safetensors import safe_open
 
         from .hub import load_fcmae_weights
-        from .hub_formats import _fcmae_file
+        from .hub_formats import fcmae_file
 
         say(log_fmt.format(str(load_fcmae_weights(accelerator.unwrap_model(model), cfg.resume))))
-        with safe_open(str(_fcmae_file(cfg.resume)), "pt") as f:
+        with safe_open(str(fcmae_file(cfg.resume)), "pt") as f:
             pushed_step = int((f.metadata() or {}).get("step", 0))
         pos.update(step=pushed_step, epoch=pushed_step // steps_per_epoch,
                    batch=pushed_step % steps_per_epoch * cfg.grad_accum)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .checkpoints import _resolve_path, convert_state_dict, load_checkpoint, read_state_dict
+from .checkpoints import resolve_path, convert_state_dict, load_checkpoint, read_state_dict
 from .hub_formats import DECODER_PARTS, load_fcmae_weights, write_fcmae, write_timm, write_transformers
 from .model_card import read_label_names, read_run_info, render_card
 from .models import create_model
@@ -68,7 +68,7 @@ def export(checkpoint, out, *, model: str | None = None, num_classes: int | None
     file (JSON list / mapping, or one name a line); by default read from the run. ``num_classes``
     defaults to the checkpoint's (0 for an encoder); 0 with a classifier checkpoint drops the classifier."""
     formats = parse_formats(formats)
-    path = _resolve_path(str(checkpoint))
+    path = resolve_path(str(checkpoint))
     run = read_run_info(path)
     name = _model_name(model, run, path)
     raw = read_state_dict(path)

@@ -1,7 +1,7 @@
 """The layouts an export writes, and the way back for a full FCMAE.
 
 timm: fcmae's names are timm's, so the state dict only changes shape (atto..nano MLP as 1x1 convs),
-checked against the timm model itself. transformers: the inverse of ``checkpoints._HF`` plus GRN as
+checked against the timm model itself. transformers: the inverse of ``checkpoints.HF_RENAMES`` plus GRN as
 (1, 1, 1, C), checked by a strict load into the transformers model. fcmae: the whole FCMAE (encoder +
 decoder) and ``load_fcmae_weights``, which reads it back from a file, a folder or ``hf-hub:``.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (_OFFICIAL, LoadReport, _normalise_shapes, _rename, convert_state_dict,
+from .checkpoints import (OFFICIAL_RENAMES, LoadReport, normalise_shapes, rename_keys, convert_state_dict,
                           read_state_dict)
 from .model_card import PAPER, read_run_info, redact
 from .state import save_safetensors, write_atomic_text
@@ -21,7 +21,7 @@ from .state import save_safetensors, write_atomic_text
 log = logging.getLogger(__name__)
 
 DECODER_PARTS = ("proj.", "mask_token", "decoder.", "pred.")
-_TO_HF = [  # the inverse of checkpoints._HF: fcmae (timm) names -> transformers ConvNext(V2)
+_TO_HF = [  # the inverse of checkpoints.HF_RENAMES: fcmae (timm) names -> transformers ConvNext(V2)
     (r"^head\.norm\.", "layernorm."), (r"^head\.fc\.", "classifier."),
     (r"^stem\.0\.", "embeddings.patch_embeddings."), (r"^stem\.1\.", "embeddings.layernorm."),
     (r"^stages\.(\d+)\.downsample\.", r"encoder.stages.\1.downsampling_layer."),
@@ -71,7 +71,7 @@ def to_transformers_state_dict(net) -> dict[str, torch.Tensor]:
     with ``convnextv2.`` / ``convnext.`` only when there is a classifier (…ForImageClassification)."""
     prefix = ("convnextv2." if net.cfg.grn else "convnext.") if net.num_classes else ""
     out = {}
-    for k, v in _rename(net.state_dict(), _TO_HF).items():
+    for k, v in rename_keys(net.state_dict(), _TO_HF).items():
         out[k if k.startswith("classifier.") else prefix + k] = v.reshape(1, 1, 1, -1) if ".grn." in k else v
     return out
 
@@ -144,11 +144,11 @@ def _fcmae_state_dict(source) -> tuple[str, dict[str, torch.Tensor]]:
     if not dec:
         raise ValueError(f"No FCMAE decoder in this checkpoint ({layout} layout, encoder only). To start a new "
                          "pretraining from an encoder: fcmae.load_checkpoint(fcmae_model.encoder, source).")
-    decoder = _normalise_shapes(_rename({k: raw[k] for k in dec}, _OFFICIAL), layout)  # a no-op on fcmae's names
+    decoder = normalise_shapes(rename_keys({k: raw[k] for k in dec}, OFFICIAL_RENAMES), layout)  # a no-op on fcmae's names
     return layout, {**{f"encoder.{k}": v for k, v in enc.items()}, **decoder}
 
 
-def _fcmae_file(source):
+def fcmae_file(source):
     if not isinstance(source, str) or not source.startswith("hf-hub:"):
         p = Path(source) if isinstance(source, (str, Path)) else None
         return p / "fcmae.safetensors" if p is not None and (p / "fcmae.safetensors").is_file() else source
@@ -171,7 +171,7 @@ def load_fcmae_weights(fcmae_model, source) -> LoadReport:
     ``source``: fcmae.safetensors, a folder holding it (a run directory or an export),
     ``hf-hub:OWNER/NAME[@rev]`` (fcmae.safetensors from the Hub or, offline, its cache), an official
     FCMAE training checkpoint, or a state dict. Weights only: optimizer and schedule start afresh."""
-    layout, sd = _fcmae_state_dict(source if isinstance(source, dict) else read_state_dict(_fcmae_file(source)))
+    layout, sd = _fcmae_state_dict(source if isinstance(source, dict) else read_state_dict(fcmae_file(source)))
     own = fcmae_model.state_dict()
     bad = ([f"missing: {k}" for k in own if k not in sd] + [f"unexpected: {k}" for k in sd if k not in own]
            + [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
