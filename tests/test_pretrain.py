@@ -257,3 +257,11 @@ def test_resume_from_a_pushed_fcmae(reference_run, images, tmp_path):
     model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=32)
     load_fcmae_weights(model, str(export))
     assert_bitwise_equal({k: v for k, v in model.state_dict().items()}, weights(reference_run))
+
+
+def test_init_from_loads_the_full_fcmae(reference_run, images, tmp_path):
+    """--init-from a run directory: with lr 0 (AdamW's decoupled decay scales with lr too) one step
+    leaves the loaded weights untouched, so the new run's export equals the source bit for bit."""
+    run([*TINY, "--data", str(images), "--init-from", str(reference_run), "--lr", "0", "--max-steps", "1",
+         "--save-every", "1", "--output-dir", str(tmp_path)])
+    assert_bitwise_equal(weights(tmp_path), weights(reference_run))
