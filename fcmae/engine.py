@@ -90,6 +90,7 @@ def pretrain(cfg) -> Path:
                               project_dir=str(out))
     say = accelerator.print
     rank, world = accelerator.process_index, accelerator.num_processes
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and accelerator.device.type == "cuda"
     set_seed(cfg.seed)  # identical initial weights on every rank
     raw = create_fcmae(cfg.model, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
                        decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend,

@@ -71,6 +71,9 @@ class FinetuneConfig:
     model_ema_decay: float = 0.9999
     # runtime
     mixed_precision: str = "no"  # no | fp16 | bf16
+    compile: bool = False  # torch.compile the model (in place: checkpoint names do not change)
+    channels_last: bool = False
+    cudnn_benchmark: bool = True  # CUDA: autotune convolutions for the fixed input size
     seed: int = 0
     output_dir: str = "outputs/finetune"
     save_every: int | None = _help("also checkpoint every N optimizer steps (always at each epoch end)")

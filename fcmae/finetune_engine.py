@@ -74,23 +74,27 @@ def finetune(cfg) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=_trackers(cfg.report_to),
                               project_dir=str(out))
     say, rank, world, dev = accelerator.print, accelerator.process_index, accelerator.num_processes, accelerator.device
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and dev.type == "cuda"
     train_hf, train_labels, val_hf, val_labels, names = ftdata.load_labelled(cfg)
     set_seed(cfg.seed)  # identical initial weights on every rank
     raw, report = build_model(cfg, len(names))
     if report is not None:
         say(log_fmt.format(f"encoder from {cfg.from_fcmae}: {report}"))
+    raw = raw.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     pin = dev.type == "cuda"
     train_loader = ftdata.build_train_loader(cfg, train_hf, train_labels, world, pin)
     val_loader = ftdata.build_val_loader(cfg, val_hf, val_labels, pin)
     groups = param_groups_layer_decay(raw, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2))
-    model, optimizer, train_loader, val_loader = accelerator.prepare(raw, optimizer, train_loader, val_loader)
     ema = None
-    if cfg.model_ema:
+    if cfg.model_ema:  # a copy of the eager model, on the device
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(raw, decay=cfg.model_ema_decay)
         accelerator.register_for_checkpointing(ema)
+    if cfg.compile:
+        raw.compile()  # in place: parameter names stay as they are
+    model, optimizer, train_loader, val_loader = accelerator.prepare(raw, optimizer, train_loader, val_loader)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         from timm.data import Mixup
@@ -168,6 +172,8 @@ def finetune(cfg) -> Path:
                 set_lr(optimizer, lr_at(step, total, warmup, lr, cfg.min_lr))
             if mixup is not None:
                 imgs, targets = mixup(imgs, targets)
+            if cfg.channels_last:
+                imgs = imgs.contiguous(memory_format=torch.channels_last)
             batch += 1
             last_micro = batch % cfg.grad_accum == 0
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):

@@ -62,8 +62,9 @@ class PretrainConfig:
     clip_grad: float | None = None
     # runtime
     mixed_precision: str = "no"  # no | fp16 | bf16
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (in place: checkpoint names do not change)
     channels_last: bool = False
+    cudnn_benchmark: bool = True  # CUDA: autotune convolutions for the fixed input size
     seed: int = 0
     output_dir: str = "outputs/pretrain"
     save_every: int = 1000  # optimizer steps
