@@ -1,5 +1,5 @@
 """CUDA-only checks (skipped where no GPU is present, as on CI; run them on a GPU machine):
-backends agree on the device, bf16 autocast, channels_last and torch.compile."""
+backends agree on the device, bf16 autocast, channels_last, torch.compile, no host syncs in a step."""
 import pytest
 import torch
 
@@ -46,3 +46,28 @@ def test_bf16_channels_last_compile(backend):
     compiled.backward()
     assert torch.isfinite(compiled) and abs(compiled.item() - eager.item()) < 2e-2 * eager.item()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_train_step_never_syncs(backend):
+    """CUDA's sync debug mode raises on any host-device synchronisation inside a training step
+    (forward, loss, backward, AdamW) once warmed up."""
+    model = create_fcmae("convnextv2_atto", backend=backend, drop_path_rate=0.1).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(imgs)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
