@@ -4,11 +4,16 @@ and a PNG plot.
 
     python benchmarks/bench_data.py                                  # 512 JPEGs cut from the demo photos, 224 px
     python benchmarks/bench_data.py --data /path/to/images --workers 0 1 2 4 8 --input-size 224
+    python benchmarks/bench_data.py --workers 1 2 4 8 --step-results benchmarks/results/pretrain_step_cuda.json
+
+With --step-results (a bench_pretrain.py JSON) it also prints, for each measured training step, the
+--num-workers that decodes images at least as fast as the step consumes them (per device).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -56,6 +61,23 @@ def synthetic_folder(n: int) -> str:
     return str(folder)
 
 
+def recommend(rows: list[dict], steps: list[dict]) -> list[dict]:
+    """The fewest workers whose measured rate covers each training step's images/s (per device);
+    beyond the largest count measured, extrapolate from its per-worker rate."""
+    measured = sorted((r for r in rows if r["workers"] > 0), key=lambda r: r["workers"])
+    if not measured:
+        return []
+    out = []
+    for s in steps:
+        need = s["images_per_sec"]
+        fit = next((r["workers"] for r in measured if r["images_per_sec"] >= need), None)
+        if fit is None:
+            fit = math.ceil(need / measured[-1]["per_worker"])
+        out.append({k: s[k] for k in ("model", "size", "precision", "channels_last", "compile", "backend")}
+                   | {"step_images_per_sec": need, "num_workers": fit})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="anything --data of pretraining takes (default: 512 JPEGs cut "
@@ -64,6 +86,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batches", type=int, default=24)
+    p.add_argument("--step-results", default=None, help="a bench_pretrain.py JSON: recommend --num-workers for each row")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_loading_cpu.json"))
     args = p.parse_args()
     from fcmae.data import DataConfig
@@ -79,12 +102,16 @@ def main() -> None:
         rows.append(dict(workers=w, images_per_sec=ips, per_worker=ips / max(w, 1)))
         print(f"{w:7d} {ips:9.1f} {ips / max(w, 1):10.1f}", flush=True)
     info = machine()
+    recommended = recommend(rows, json.loads(Path(args.step_results).read_text())["rows"]) if args.step_results else []
+    for r in recommended:
+        print(f"{r['model']} {r['size']} {r['precision']} {r['backend']}{' compiled' if r['compile'] else ''}: "
+              f"{r['step_images_per_sec']:.0f} img/s per device -> --num-workers {r['num_workers']}")
     print(f"{info['device']} | {args.data or '512 demo-photo crops (256 px JPEG)'} | {args.input_size} px | RandomResizedCrop + flip + "
           "normalise | batch " + str(args.batch_size))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "data": args.data or "512 demo-photo crops (256 px JPEG)", "input_size": args.input_size,
-                               "batch_size": args.batch_size, "rows": rows}, indent=1))
+                               "batch_size": args.batch_size, "rows": rows, "recommended": recommended}, indent=1))
     try:
         import matplotlib
 

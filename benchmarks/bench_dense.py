@@ -155,7 +155,31 @@ def main() -> None:
     info["load_avg_1m_at_end"] = os.getloadavg()[0]  # other work on the machine skews both columns
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     out.write_text(json.dumps(dict(machine=info, settings=settings, results=rows), indent=1) + "\n")
-    print(f"wrote {out}")
+    plot(rows, out.with_suffix(".png"), info, settings)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(rows: list[dict], path: Path, info: dict, settings: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [f"{r['model'].removeprefix('convnextv2_')}\n{r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5))
+    for i, (key, name) in enumerate((("fcmae_img_s", "fcmae"), ("timm_img_s", "timm"))):
+        ax.bar([j + 0.4 * i for j in range(len(rows))], [r[key] for r in rows], 0.4, label=name)
+    ax.set_xticks([j + 0.2 for j in range(len(rows))])
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("images / s (median)")
+    flags = [k for k in ("bf16", "channels_last", "compile") if settings.get(k)]
+    device = info.get("gpu", f"CPU: {info['cpu']}")
+    ax.set_title(f"{device}, {settings['size']} px, batch {settings['batch']} {' '.join(flags)}", fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

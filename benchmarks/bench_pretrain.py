@@ -8,7 +8,8 @@ precision, channels_last and torch.compile. Prints a table, saves JSON and a PNG
 A step is forward + backward + AdamW at mask ratio 0.6. Each configuration runs in its own
 process, so CPU peak memory is that process's peak RSS above its level before the first step
 (CUDA: torch.cuda.max_memory_allocated). "useful TFLOP/s" counts only the encoder's work on
-visible sites plus the decoder (3 x forward FLOPs for forward + backward).
+visible sites plus the decoder: 2 FLOPs per multiply-add, 3 x forward for forward + backward, the
+convention of the tensor-core peaks it is printed next to.
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+# Dense (no sparsity) tensor-core peaks, TFLOP/s, SXM parts: bf16/fp16, and fp32 (TF32 off, CUDA cores).
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+               "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
 
 
 def machine() -> dict:
@@ -42,7 +46,7 @@ def machine() -> dict:
 
 
 def useful_flops(name: str, size: int, batch: int, ratio: float) -> float:
-    """Forward FLOPs (multiply-adds) of the visible-site encoder work plus the decoder, per batch."""
+    """Forward multiply-adds of the visible-site encoder work plus the decoder, per batch."""
     import torch
     from fvcore.nn import FlopCountAnalysis
 
@@ -57,11 +61,12 @@ def useful_flops(name: str, size: int, batch: int, ratio: float) -> float:
 
 
 def _decoder_flops(fm, size: int) -> float:
-    """Multiply-adds of the decoder per image: 1x1 projections, dwconv 7x7 and the 4x MLP per block."""
+    """Multiply-adds of the decoder per image, counted as fvcore counts the encoder: 1x1 projections,
+    and per block the 7x7 depthwise conv, the 4x MLP and LayerNorm (5 per element)."""
     sites = (size // 32) ** 2
     d = fm.proj.out_channels
     per_site = fm.proj.in_channels * d + fm.pred.in_channels * fm.pred.out_channels
-    per_site += len(fm.decoder) * (49 * d + 8 * d * d)
+    per_site += len(fm.decoder) * (49 * d + 8 * d * d + 5 * d)
     return sites * per_site
 
 
@@ -123,10 +128,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pretrain_step_<device>.json)")
+    p.add_argument("--report", metavar="JSON", help="reprint the table and redraw the plot of a saved result "
+                   "(useful TFLOP/s recomputed), in place")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:  # child process: one configuration
         print(json.dumps(run_one(json.loads(args.one))))
+        return
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        rows = [r | {"useful_tflops": useful_tflops(r)} for r in saved["rows"]]
+        report(rows, saved["machine"], Path(args.report))
         return
     flag = {"off": [False], "on": [True], "both": [False, True]}
     rows = []
@@ -143,36 +155,49 @@ def main() -> None:
             print(f"skipped {cfg}: {err}", file=sys.stderr)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row["useful_tflops"] = 3 * useful_flops(model, size, args.batch_size, 0.6) / (row["step_ms"] / 1e3) / 1e12
+        row["useful_tflops"] = useful_tflops(row)
         rows.append(row)
         print(f"{model:16s} {size:4d} {prec:5s} cl={cl!s:5s} compile={comp!s:5s} {backend:9s} "
               f"{row['step_ms']:9.1f} ms {row['images_per_sec']:8.1f} img/s {row['peak_mem_mib']:9.0f} MiB", flush=True)
     info = machine()
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in info["device"]), None)
-    print(f"\n{info['device']} | torch {info['torch']} | batch {args.batch_size} | mask ratio 0.6 | fwd+bwd+AdamW")
+    tag = "cuda" if "CPU" not in info["device"] else "cpu"
+    report(rows, info, Path(args.out or ROOT / "benchmarks" / "results" / f"pretrain_step_{tag}.json"))
+
+
+def useful_tflops(row: dict) -> float:
+    """2 FLOPs per multiply-add, x3 for forward + backward, per second of the measured step."""
+    return 2 * 3 * useful_flops(row["model"], row["size"], row["batch_size"], 0.6) / (row["step_ms"] / 1e3) / 1e12
+
+
+def report(rows: list[dict], info: dict, out: Path) -> None:
+    """Print the table, write JSON (rows, gather/dense summary, machine) and the PNG."""
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in info["device"]), {})
+    batches = sorted({r["batch_size"] for r in rows})
+    print(f"\n{info['device']} | torch {info['torch']} | batch {'/'.join(map(str, batches))} | mask ratio 0.6 | "
+          "fwd+bwd+AdamW")
     print(f"{'model':16s} {'size':>4s} {'prec':5s} {'cl':>3s} {'comp':>4s} | " + " | ".join(
-        f"{b:>9s} img/s  MiB" for b in args.backends) + " | gather/dense speed, memory" + (" | useful TFLOP/s" if peak else ""))
+        f"{b:>9s} img/s  MiB" for b in backends) + " | gather/dense speed, memory | gather useful TFLOP/s")
     summary = []
     for key, group in itertools.groupby(rows, key=lambda r: (r["model"], r["size"], r["precision"], r["channels_last"],
                                                                r["compile"])):
         by = {r["backend"]: r for r in group}
         line = f"{key[0]:16s} {key[1]:4d} {key[2]:5s} {'y' if key[3] else 'n':>3s} {'y' if key[4] else 'n':>4s} | "
         line += " | ".join(f"{by[b]['images_per_sec']:9.1f} {by[b]['peak_mem_mib']:9.0f}" if b in by else f"{'-':>20s}"
-                           for b in args.backends)
+                           for b in backends)
         if "dense" in by and "gather" in by:
             speed = by["gather"]["images_per_sec"] / by["dense"]["images_per_sec"]
             mem = by["gather"]["peak_mem_mib"] / max(by["dense"]["peak_mem_mib"], 1e-9)
             line += f" | {speed:5.2f}x, {mem:4.2f}x"
             summary.append(dict(zip(("model", "size", "precision", "channels_last", "compile"), key),
                                 gather_speedup=speed, gather_memory_ratio=mem))
-        if peak and "gather" in by:
-            line += f" | {by['gather']['useful_tflops']:.1f} of {peak:.0f} peak"
+        if "gather" in by:
+            peak = peaks.get(key[2])
+            line += f" | {by['gather']['useful_tflops']:.3g}" + (f" of {peak:.0f} peak" if peak else "")
         print(line)
-    tag = "cuda" if "CPU" not in info["device"] else "cpu"
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"pretrain_step_{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "batch_size": args.batch_size, "mask_ratio": 0.6, "rows": rows,
-                               "summary": summary}, indent=1))
+    out.write_text(json.dumps({"machine": info, "batch_size": batches[0] if len(batches) == 1 else batches,
+                               "mask_ratio": 0.6, "rows": rows, "summary": summary}, indent=1))
     plot(rows, out.with_suffix(".png"), info)
     print(f"saved {out} and {out.with_suffix('.png')}")
 
@@ -188,7 +213,7 @@ def plot(rows: list[dict], path: Path, info: dict) -> None:
     labels = sorted({(r["model"].removeprefix("convnextv2_"), r["size"], r["precision"], r["channels_last"], r["compile"])
                      for r in rows})
     backends = sorted({r["backend"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(backends)), 4))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.5 * len(labels) * len(backends) + 2)), 4))
     width = 0.8 / len(backends)
     for i, b in enumerate(backends):
         vals = [next((r["images_per_sec"] for r in rows if r["backend"] == b and (r["model"].removeprefix("convnextv2_"),
