@@ -78,6 +78,27 @@ def recommend(rows: list[dict], steps: list[dict]) -> list[dict]:
     return out
 
 
+def plot_by_workers(rows: list[dict], path: Path, title: str, ylabel: str, bare: float | None = None) -> None:
+    """images/s against --num-workers (and the bare step's rate as a line), as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["workers"] for r in rows], [r["images_per_sec"] for r in rows], "o-", label="training loop")
+    if bare is not None:
+        ax.axhline(bare, color="gray", ls="--", label="bare step")
+        ax.legend()
+    ax.set_xlabel("--num-workers")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="anything --data of pretraining takes (default: 512 JPEGs cut "
@@ -104,7 +125,8 @@ def main() -> None:
     info = machine()
     recommended = recommend(rows, json.loads(Path(args.step_results).read_text())["rows"]) if args.step_results else []
     for r in recommended:
-        print(f"{r['model']} {r['size']} {r['precision']} {r['backend']}{' compiled' if r['compile'] else ''}: "
+        print(f"{r['model']} {r['size']} {r['precision']} {r['backend']}{' channels_last' if r['channels_last'] else ''}"
+              f"{' compiled' if r['compile'] else ''}: "
               f"{r['step_images_per_sec']:.0f} img/s per device -> --num-workers {r['num_workers']}")
     print(f"{info['device']} | {args.data or '512 demo-photo crops (256 px JPEG)'} | {args.input_size} px | RandomResizedCrop + flip + "
           "normalise | batch " + str(args.batch_size))
@@ -112,21 +134,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "data": args.data or "512 demo-photo crops (256 px JPEG)", "input_size": args.input_size,
                                "batch_size": args.batch_size, "rows": rows, "recommended": recommended}, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([r["workers"] for r in rows], [r["images_per_sec"] for r in rows], "o-")
-        ax.set_xlabel("--num-workers")
-        ax.set_ylabel("images / s (decode + augment)")
-        ax.set_title(info["device"], fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=120)
-    except ImportError:
-        pass
+    plot_by_workers(rows, out.with_suffix(".png"), info["device"], "images / s (decode + augment)")
     print(f"saved {out}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_data import synthetic_folder  # noqa: E402
+from bench_data import plot_by_workers, synthetic_folder  # noqa: E402
 from bench_pretrain import machine  # noqa: E402
 
 
@@ -94,23 +94,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "setting": setting, "args": vars(args), "bare_step_images_per_sec": bare,
                                "rows": rows}, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([r["workers"] for r in rows], [r["images_per_sec"] for r in rows], "o-", label="training loop")
-        ax.axhline(bare, color="gray", ls="--", label="bare step")
-        ax.set_xlabel("--num-workers")
-        ax.set_ylabel("images / s")
-        ax.set_title(f"{info['device']}\n{setting}", fontsize=7)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=120)
-    except ImportError:
-        pass
+    plot_by_workers(rows, out.with_suffix(".png"), f"{info['device']}\n{setting}", "images / s", bare)
     print(f"saved {out}")
 
 
