@@ -7,7 +7,6 @@ the uninterrupted run's steps S+1... bit for bit on the same hardware.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from . import data as fdata
 from .config import save_yaml
 from .fcmae import create_fcmae
-from .optim import lr_at, param_groups, set_lr
+from .optim import backward_micro_batch, lr_at, optimizer_step, param_groups, set_lr
 from .sparse import gen_random_mask
 from .state import complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log
 
@@ -216,20 +215,14 @@ def pretrain(cfg) -> Path:
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
             batch += 1
             last_micro = batch % cfg.grad_accum == 0
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = model(imgs)[0]
-                accelerator.backward(loss / cfg.grad_accum)
-            loss = loss.detach()
+            loss = backward_micro_batch(accelerator, model, lambda: model(imgs)[0], cfg.grad_accum, last_micro)
             loss_sum += loss
             first_nan = torch.where((first_nan < 0) & ~torch.isfinite(loss), step + 1, first_nan)  # 1-based, as logged
             bad_sum += (~ok.to(dev)).sum()
             seen_sum += ok.numel()
             if not last_micro:
                 continue
-            if cfg.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, model, optimizer, cfg.clip_grad)
             step += 1
             fault_point("step", step)
             bar.update(1)

@@ -8,7 +8,6 @@ Checkpoints are written at every epoch end (after evaluation) and every ``save_e
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from dataclasses import asdict
@@ -26,7 +25,7 @@ from .config import save_yaml
 from .engine import _trackers, log_fmt, step_seed
 from .finetune import build_model, classifier_metadata
 from .layer_decay import param_groups_layer_decay
-from .optim import lr_at, set_lr
+from .optim import backward_micro_batch, lr_at, optimizer_step, set_lr
 from .state import (complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log,
                     write_atomic_text)
 
@@ -176,18 +175,14 @@ def finetune(cfg) -> Path:
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
             batch += 1
             last_micro = batch % cfg.grad_accum == 0
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = criterion(model(imgs), targets)
-                accelerator.backward(loss / cfg.grad_accum)
-            loss_sum += loss.detach()
+            loss = backward_micro_batch(accelerator, model, lambda: criterion(model(imgs), targets), cfg.grad_accum,
+                                        last_micro)
+            loss_sum += loss
             bad_sum += (~ok).sum()
             seen_sum += ok.numel()
             if not last_micro:
                 continue
-            if cfg.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, model, optimizer, cfg.clip_grad)
             if ema is not None:
                 ema.update(raw)
             step += 1

@@ -1,6 +1,8 @@
-"""Optimizer parameter groups and the learning-rate schedule (set by hand every step)."""
+"""Optimizer parameter groups, the learning-rate schedule (set by hand every step), and the
+micro-batch / optimizer step both training loops share."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,3 +36,21 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def backward_micro_batch(accelerator, model: nn.Module, loss_fn, accumulate: int, sync: bool) -> torch.Tensor:
+    """Forward + backward of one micro-batch, its loss scaled by 1 / ``accumulate``. Gradients are
+    all-reduced across processes only when ``sync`` (the last micro-batch of an optimizer step).
+    Returns the unscaled loss, detached, still on the device."""
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        loss = loss_fn()
+        accelerator.backward(loss / accumulate)
+    return loss.detach()
+
+
+def optimizer_step(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   clip_grad: float | None = None) -> None:
+    if clip_grad:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
