@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from common import machine, pyplot  # noqa: E402
 
 
 def measure(cfg, batch_size: int, workers: int, batches: int) -> float:
@@ -80,15 +82,12 @@ def recommend(rows: list[dict], steps: list[dict]) -> list[dict]:
 
 def plot_by_workers(rows: list[dict], path: Path, title: str, ylabel: str, bare: float | None = None) -> None:
     """images/s against --num-workers (and the bare step's rate as a line), as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["workers"] for r in rows], [r["images_per_sec"] for r in rows], "o-", label="training loop")
+    ax.plot([r["workers"] for r in rows], [r["images_per_sec"] for r in rows], "o-",
+            label="training loop" if bare is not None else None)
     if bare is not None:
         ax.axhline(bare, color="gray", ls="--", label="bare step")
         ax.legend()
@@ -112,7 +111,6 @@ def main() -> None:
     args = p.parse_args()
     from fcmae.data import DataConfig
 
-    from bench_pretrain import machine  # benchmarks/ is on the path when run as a script
 
     data = args.data or synthetic_folder(512)
     cfg = DataConfig(data=data, input_size=args.input_size)

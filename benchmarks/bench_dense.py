@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,20 +31,9 @@ import fcmae
 from fcmae.checkpoints import load_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(RESULTS.parent))
 
-
-def machine_info(device: torch.device) -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = dict(cpu=cpu, cpu_count=torch.multiprocessing.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-                platform=platform.platform(), load_avg_1m_at_start=os.getloadavg()[0])
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    return info
+from common import machine, pyplot  # noqa: E402
 
 
 def build_pair(name: str, size: int, batch: int, device: torch.device, channels_last: bool, compile: bool):
@@ -144,7 +133,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    info = machine_info(device)
+    info = machine(str(device)) | {"timm": timm.__version__}
     print(json.dumps(info))
     print(f"{'':25s} {'median':^30s} {'minimum':^30s}")
     print(f"{'model':18s} {'mode':6s} {'fcmae im/s':>10s} {'timm im/s':>10s} {'speedup':>8s} "
@@ -160,12 +149,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path, info: dict, settings: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"{r['model'].removeprefix('convnextv2_')}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5))
@@ -175,8 +160,7 @@ def plot(rows: list[dict], path: Path, info: dict, settings: dict) -> None:
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("images / s (median)")
     flags = [k for k in ("bf16", "channels_last", "compile") if settings.get(k)]
-    device = info.get("gpu", f"CPU: {info['cpu']}")
-    ax.set_title(f"{device}, {settings['size']} px, batch {settings['batch']} {' '.join(flags)}", fontsize=8)
+    ax.set_title(f"{info['device']}, {settings['size']} px, batch {settings['batch']} {' '.join(flags)}", fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_data import plot_by_workers, synthetic_folder  # noqa: E402
-from bench_pretrain import machine  # noqa: E402
+from common import machine  # noqa: E402
 
 
 def loop_rate(args, workers: int, data: str) -> tuple[float, list[float]]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,23 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import machine, pyplot  # noqa: E402
 # Dense (no sparsity) tensor-core peaks, TFLOP/s, SXM parts: bf16/fp16, and fp32 (TF32 off, CUDA cores).
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
                "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
                "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
-
-
-def machine() -> dict:
-    import torch
-
-    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor())
-        info["device"] = f"CPU: {cpu} ({os.cpu_count()} cores)"
-    return info
 
 
 def useful_flops(name: str, size: int, batch: int, ratio: float) -> float:
@@ -203,12 +191,8 @@ def report(rows: list[dict], info: dict, out: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, info: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     labels = sorted({(r["model"].removeprefix("convnextv2_"), r["size"], r["precision"], r["channels_last"], r["compile"])
                      for r in rows})
