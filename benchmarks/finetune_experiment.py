@@ -76,7 +76,7 @@ def frozen_probe(data: Path, size: int, encoder: Path | None, seed: int) -> floa
     from sklearn.linear_model import LogisticRegression
 
     import fcmae
-    from fcmae.finetune_data import eval_transform
+    from fcmae.data.labelled import eval_transform
 
     tf = eval_transform(size)
     torch.manual_seed(seed)

@@ -1,7 +1,6 @@
 """fcmae: FCMAE pretraining of ConvNeXt V2, fine-tuning, and publishing."""
-from .checkpoints import LoadReport, load_checkpoint
-from .fcmae import FCMAE, create_fcmae
-from .models import ConvNeXt, create_model, list_models, register_model
+from .weights.convert import LoadReport, load_checkpoint
+from .models import FCMAE, ConvNeXt, create_fcmae, create_model, list_models, register_model
 
 __version__ = "0.1.0"
 __all__ = ["FCMAE", "ConvNeXt", "LoadReport", "create_fcmae", "create_model", "list_models", "load_checkpoint",

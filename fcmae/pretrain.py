@@ -93,8 +93,8 @@ def choose_preset(flags: dict, file_values: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fcmae.config import parse_args
-    from fcmae.engine import pretrain
+    from fcmae.training.config import parse_args
+    from fcmae.tasks.pretrain import pretrain
 
     cfg = parse_args(PretrainConfig, argv, description=__doc__, choose_preset=choose_preset)
     pretrain(cfg)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.checkpoints import convert_state_dict, load_checkpoint
+from fcmae.weights.convert import convert_state_dict, load_checkpoint
 
 timm = pytest.importorskip("timm")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.fcmae import FCMAE, create_fcmae
+from fcmae.models.fcmae import FCMAE, create_fcmae
 from fcmae.models import ConvNeXt, ConvNeXtConfig
 
 BACKENDS = ["dense", "gather"]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import fcmae
 from conftest import CLI_ENV as ENV
 from conftest import ROOT, run_cli
-from fcmae.finetune import FinetuneConfig, build_model
+from fcmae.tasks.classify_model import FinetuneConfig, build_model
 
 FINETUNE, PRETRAIN = str(ROOT / "finetune" / "run.py"), str(ROOT / "fcmae" / "pretrain.py")
 CLASSES = ["circle", "square", "triangle"]
@@ -236,7 +236,7 @@ def test_wrong_architecture_fails_naming_both(shapes, pretrain_run, tmp_path):
 
 
 def _groups(name, decay, kind):
-    from fcmae.layer_decay import param_groups_layer_decay
+    from fcmae.training.layer_decay import param_groups_layer_decay
 
     with torch.device("meta"):  # names and shapes matter, values do not
         model = fcmae.create_model(name, num_classes=10)
@@ -392,7 +392,7 @@ def test_two_processes_count_each_val_sample_once(shapes, pretrain_run, tmp_path
 
 
 def test_eval_transform_crops_below_384_and_warps_from_384():
-    from fcmae.finetune_data import eval_transform
+    from fcmae.data.labelled import eval_transform
 
     img = Image.new("RGB", (200, 100), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 50, 100))  # the left quarter red, the rest blue
@@ -403,8 +403,8 @@ def test_eval_transform_crops_below_384_and_warps_from_384():
 
 
 def test_presets_hold_the_official_recipes():
-    from fcmae.config import build, load_yaml
-    from fcmae.finetune import validate
+    from fcmae.training.config import build, load_yaml
+    from fcmae.tasks.classify_model import validate
 
     files = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
     expected_files = [f"{m}_224" for m in fcmae.list_models("convnextv2_*")] + [
@@ -429,8 +429,8 @@ def test_presets_hold_the_official_recipes():
 
 
 def test_flags_and_bad_arguments():
-    from fcmae.config import parse_args
-    from fcmae.finetune import choose_preset, validate
+    from fcmae.training.config import parse_args
+    from fcmae.tasks.classify_model import choose_preset, validate
 
     def parse(*argv):
         cfg = parse_args(FinetuneConfig, list(argv), choose_preset=choose_preset)
@@ -449,7 +449,7 @@ def test_flags_and_bad_arguments():
 
 
 def test_hub_dataset_offline_fails_fast_with_a_hint(tmp_path):
-    from fcmae.finetune_data import load_labelled
+    from fcmae.data.labelled import load_labelled
 
     cfg = FinetuneConfig(dataset_name="someone/not-cached-anywhere", label_column="label")
     with pytest.raises(RuntimeError, match="Offline mode"):

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fcmae
-from fcmae import hub
+from fcmae.weights import hub
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -355,13 +355,13 @@ def test_runner_push_to_hub(runner, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
     from PIL import Image
 
-    import fcmae.hub
+    import fcmae.weights.hub
 
     api = mock.create_autospec(HfApi, instance=True)
     uploaded = {}
     api.upload_folder.side_effect = lambda **kw: uploaded.update(files=sorted(
         str(p.relative_to(kw["folder_path"])) for p in Path(kw["folder_path"]).rglob("*") if p.is_file()))
-    monkeypatch.setattr(fcmae.hub, "HfApi", lambda *a, **k: api)
+    monkeypatch.setattr(fcmae.weights.hub, "HfApi", lambda *a, **k: api)
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for label in ("a", "b"):

@@ -3,11 +3,13 @@ forward outputs and every parameter gradient within 1e-5 relative (fp32), with a
 path, square and non-square inputs, mask ratios 0 / 0.6 / 0.9; masked pixels never matter; and
 MinkowskiEngine's kernel-offset order, checked against ``F.conv2d`` on its own.
 
-MinkowskiEngine is an optional dependency (``bash .ci/install_minkowski.sh``): every test that needs
-it is skipped when it cannot be imported, and only then.
+MinkowskiEngine is an optional dependency (``bash .ci/install_minkowski.sh``): on a user's machine every
+test that needs it is skipped when it cannot be imported, and only then. In CI (``CI`` or
+``FCMAE_REQUIRE_MINKOWSKI`` set to 1/true; ``.ci/run`` sets the latter) those tests fail instead.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -15,15 +17,25 @@ import torch
 import torch.nn.functional as F
 
 from fcmae import create_fcmae
-from fcmae.checkpoints import _minkowski_kernel
+from fcmae.weights.convert import _minkowski_kernel
 from fcmae.sparse import minkowski as mk
 
 try:
-    ME = mk.import_minkowski()
-except ImportError:
-    ME = None
+    ME, ME_ERROR = mk.import_minkowski(), None
+except ImportError as e:
+    ME, ME_ERROR = None, e
 pytestmark = pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # ME 0.5.4
-needs_me = pytest.mark.skipif(ME is None, reason="MinkowskiEngine is not installed (bash .ci/install_minkowski.sh)")
+ME_REQUIRED = os.environ.get("FCMAE_REQUIRE_MINKOWSKI", os.environ.get("CI", "")).strip().lower() in ("1", "true", "yes")
+if ME is None and ME_REQUIRED:  # CI claims to test this backend: fail, never skip
+    needs_me = pytest.mark.usefixtures("_require_me")
+else:
+    needs_me = pytest.mark.skipif(ME is None, reason="MinkowskiEngine is not installed (bash .ci/install_minkowski.sh)")
+
+
+@pytest.fixture
+def _require_me():
+    pytest.fail(f"MinkowskiEngine is required here (CI / FCMAE_REQUIRE_MINKOWSKI) but cannot be imported: {ME_ERROR}",
+                pytrace=False)
 
 TOL = 1e-5
 

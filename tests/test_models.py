@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 import fcmae
-from fcmae import model_table
+from fcmae.models import table as model_table
 
 ATTO_DIMS = (40, 80, 160, 320)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import fcmae
 from conftest import CLI_ENV as ENV
 from conftest import ROOT, run_cli
-from fcmae.config import parse_args
+from fcmae.training.config import parse_args
 
 SCRIPT = str(ROOT / "fcmae" / "pretrain.py")
 TINY = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--decoder-dim", "32",
@@ -216,7 +216,7 @@ def test_config_precedence(tmp_path):
 
 
 def test_presets_are_valid_configs():
-    from fcmae.config import build, load_yaml
+    from fcmae.training.config import build, load_yaml
     from fcmae.pretrain import PretrainConfig
 
     files = sorted((ROOT / "configs" / "pretrain").glob("convnextv2_*.yaml"))

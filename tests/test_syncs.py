@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.fcmae import FCMAE
+from fcmae.models.fcmae import FCMAE
 from fcmae.models.convnext import ConvNeXt, ConvNeXtConfig
 
 PKG = Path(fcmae.__file__).resolve().parent

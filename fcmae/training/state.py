@@ -14,8 +14,8 @@ import shutil
 import signal
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+
+from ..weights.files import save_safetensors, write_atomic_text  # noqa: F401  (re-exported for the tasks)
 
 POSITION = "position.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -108,23 +108,6 @@ def save_checkpoint(accelerator, ckpt_root: str | os.PathLike, position: dict, k
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """safetensors written under a temporary name, then renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

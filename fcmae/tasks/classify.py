@@ -19,14 +19,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from . import data as fdata
-from . import finetune_data as ftdata
-from .config import save_yaml
-from .engine import _trackers, log_fmt, step_seed
-from .finetune import build_model, classifier_metadata
-from .layer_decay import param_groups_layer_decay
-from .optim import backward_micro_batch, lr_at, optimizer_step, set_lr
-from .state import (complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log,
+from ..data import sources as fdata
+from ..data import labelled as ftdata
+from ..training.config import save_yaml
+from .pretrain import _trackers, log_fmt, step_seed
+from .classify_model import build_model, classifier_metadata
+from ..training.layer_decay import param_groups_layer_decay
+from ..training.optim import backward_micro_batch, lr_at, optimizer_step, set_lr
+from ..training.state import (complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log,
                     write_atomic_text)
 
 
@@ -230,7 +230,7 @@ def finetune(cfg) -> Path:
             raise RuntimeError("Parameters differ across processes at the end of training: distributed sync is broken.")
     say(log_fmt.format(f"done: best acc1 {pos['best_acc1']:.2f} (epoch {pos['best_epoch']}). Outputs in {out}"))
     if cfg.push_to_hub and accelerator.is_main_process:
-        from .hub import export_and_push
+        from ..weights.hub import export_and_push
 
         url = export_and_push(out / "best.safetensors", cfg.push_to_hub, formats=("timm", "transformers"),
                               private=cfg.hub_private, datasets=[cfg.dataset_name] if cfg.dataset_name else ())

@@ -17,12 +17,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from . import data as fdata
-from .config import save_yaml
-from .fcmae import create_fcmae
-from .optim import backward_micro_batch, lr_at, optimizer_step, param_groups, set_lr
-from .sparse import gen_random_mask
-from .state import complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log
+from ..data import sources as fdata
+from ..training.config import save_yaml
+from ..models import create_fcmae
+from ..training.optim import backward_micro_batch, lr_at, optimizer_step, param_groups, set_lr
+from ..sparse import gen_random_mask
+from ..training.state import complete_checkpoints, fault_point, restore, save_checkpoint, save_safetensors, trim_log
 
 log_fmt = "[fcmae] {}"
 
@@ -95,7 +95,7 @@ def pretrain(cfg) -> Path:
                        decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend,
                        drop_path_rate=cfg.drop_path)
     if cfg.init_from:
-        from .hub import load_fcmae_weights
+        from ..weights.formats import load_fcmae_weights
 
         say(log_fmt.format(str(load_fcmae_weights(raw, cfg.init_from))))
     if cfg.channels_last:
@@ -134,8 +134,7 @@ def pretrain(cfg) -> Path:
         # position continue from that step, AdamW's moments start afresh (close to, not bitwise, exact).
         from safetensors import safe_open
 
-        from .hub import load_fcmae_weights
-        from .hub_formats import fcmae_file
+        from ..weights.formats import fcmae_file, load_fcmae_weights
 
         say(log_fmt.format(str(load_fcmae_weights(accelerator.unwrap_model(model), cfg.resume))))
         with safe_open(str(fcmae_file(cfg.resume)), "pt") as f:
@@ -165,7 +164,7 @@ def pretrain(cfg) -> Path:
     def reconstruct(step: int) -> None:
         if recon_imgs is None:
             return
-        from .visualize import reconstruction_panel
+        from .reconstruct import reconstruction_panel
 
         model.eval()
         gen = torch.Generator().manual_seed(cfg.seed)  # the same masks every time
@@ -266,7 +265,7 @@ def pretrain(cfg) -> Path:
             raise RuntimeError("Parameters differ across processes at the end of training: distributed sync is broken.")
     say(log_fmt.format(f"done: {step} steps; {num_bad} bad images of {num_seen} seen. Outputs in {out}"))
     if cfg.push_to_hub and accelerator.is_main_process:
-        from .hub import export_and_push
+        from ..weights.hub import export_and_push
 
         url = export_and_push(out, cfg.push_to_hub, model=cfg.model, formats=("timm", "fcmae"), private=cfg.hub_private,
                               datasets=[cfg.dataset_name] if cfg.dataset_name else ())

@@ -9,8 +9,9 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .models import Block, ConvNeXt, create_model, list_models
-from .sparse import count_visible, gen_random_mask, get_backend, num_keep, patchify, unpatchify
+from .convnext import Block, ConvNeXt
+from .registry import create_model, list_models
+from ..sparse import count_visible, gen_random_mask, get_backend, num_keep, patchify, unpatchify
 
 
 class FCMAE(nn.Module):

@@ -22,7 +22,7 @@ from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-from . import data as fdata
+from . import sources as fdata
 
 EVAL_CROP_PCT = 0.875  # below 384 px: resize to size / 0.875, centre crop (REFERENCE.md section 4)
 

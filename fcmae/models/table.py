@@ -1,8 +1,8 @@
 """Parameter and FLOP counts of every registered model, next to the published figures.
 
 Usage:
-    python -m fcmae.model_table                          # every model, 224 px and the published 384/512
-    python -m fcmae.model_table --models "convnextv2_*" --sizes 224 --json table.json
+    python -m fcmae.models.table                          # every model, 224 px and the published 384/512
+    python -m fcmae.models.table --models "convnextv2_*" --sizes 224 --json table.json
 
 Params are counted with the 1000-class head. GFLOPs come from fvcore's ``FlopCountAnalysis`` at
 batch 1 with the convention the ConvNeXt papers used: one multiply-add is one FLOP; convolutions,
@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .models import create_model, list_models
+from . import create_model, list_models
 
 # Figures as printed, so their precision is known. V2: REFERENCE.md section 1 (ConvNeXt V2 paper
 # and README). V1: "A ConvNet for the 2020s", Tables 1 and 2, and the official README

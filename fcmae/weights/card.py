@@ -112,7 +112,7 @@ def render_card(*, arch: str, cfg, num_classes: int, params: int, formats: list[
     model, the run's results and config, and how to load it with timm, transformers and fcmae."""
     from huggingface_hub import ModelCardData
 
-    from . import __version__
+    from .. import __version__
 
     repo = repo_id or "OWNER/NAME"
     acc = any("acc" in k.lower() for m in run.metrics.values() for k in m)

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+DEMO_DIR = Path(__file__).parents[1] / "assets" / "demo"
 IMAGE_EXTENSIONS = tuple(sorted(ImageFolder.EXTENSIONS))
 TABLE_EXTENSIONS = (".parquet", ".arrow")
 MIN_SEEN, ALL_BAD_AFTER, MAX_NAMED = 100, 20, 20

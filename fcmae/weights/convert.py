@@ -205,7 +205,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, torc
 
 def describe_architecture(sd: dict[str, torch.Tensor]) -> str:
     """Name the registered model a (converted) state dict belongs to, or describe its shape."""
-    from .models import CONFIGS
+    from ..models import CONFIGS
 
     depths, dims = [], []
     for i in range(8):

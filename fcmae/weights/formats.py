@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (OFFICIAL_RENAMES, LoadReport, normalise_shapes, rename_keys, convert_state_dict,
+from .convert import (OFFICIAL_RENAMES, LoadReport, normalise_shapes, rename_keys, convert_state_dict,
                           read_state_dict)
-from .model_card import PAPER, read_run_info, redact
-from .state import save_safetensors, write_atomic_text
+from .card import PAPER, read_run_info, redact
+from .files import save_safetensors, write_atomic_text
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def fcmae_args_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
 
 def write_fcmae(source: Path, net, out: Path, run, as_config: bool) -> dict:
     """fcmae.safetensors (the whole FCMAE, validated by a strict load) and its description."""
-    from . import create_fcmae
+    from ..models import create_fcmae
 
     if not source.is_file():
         raise FileNotFoundError(f"--format fcmae needs the full FCMAE (encoder + decoder): {source} does not exist. "

@@ -1,0 +1,1 @@
+"""Data: sources -> decoded images -> transforms -> loaders, with bad-file accounting."""

@@ -1,0 +1,1 @@
+"""Tasks: FCMAE pretraining, classification, segmentation and detection, each a short loop."""

@@ -1,0 +1,1 @@
+"""The training core that every task shares: config, optimiser, schedule, state, run helpers."""
