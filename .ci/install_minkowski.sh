@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # Install MinkowskiEngine 0.5.4 (CPU-only), the optional `minkowski` sparse backend, into the
-# ACTIVE Python environment (activate the venv first). The source build takes ~6.5 minutes on an
-# idle 2-core machine (16 min measured on a busy one), so the wheel is cached outside the
-# repository, keyed by torch version, C++ ABI, Python tag and platform, and later runs only
-# `pip install` it (~10 s):
+# ACTIVE Python environment (activate the venv first; it must already hold the project and torch).
+# Works from a brand-new `python3 -m venv`. The source build takes ~6.5 minutes on an idle 2-core
+# machine and 8.5-16 minutes on a busy one, so the wheel is cached outside the repository, keyed by
+# torch version, C++ ABI, Python tag and platform, and later runs only `pip install` it (~10 s):
 #   ${FCMAE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fcmae/wheels}/minkowskiengine-0.5.4/torch-<ver>-cxx11abi<0|1>-cp<XY>-<platform>/
-# Exits non-zero when it cannot install a working MinkowskiEngine (CI then skips its tests).
+# Exits non-zero when it cannot install a working MinkowskiEngine (.ci/run then fails).
 #
 # Build notes (why the commands look the way they do):
 # - --no-build-isolation: setup.py imports torch, which must be the environment's own torch.
 # - --config-settings="--global-option=--cpu_only --blas=openblas": setup.py reads these from
-#   sys.argv. setuptools 84 (tested) puts --global-option values on the command line of every
-#   setup.py call, the metadata step included; setuptools 65 (what `python3 -m venv` ships on
-#   Python 3.11) leaves them out of the metadata step, where setup.py then falls back to
-#   numpy.distutils to find BLAS, which crashes with current numpy + setuptools. Hence the build
-#   step first raises the environment's setuptools to >= 84 (`pip wheel` is the invocation that
-#   produces a wheel here; the cached-wheel path needs neither setuptools nor a compiler).
+#   sys.argv. Without them (on any setup.py call, the metadata step included) it falls back to
+#   numpy.distutils to find BLAS, which fails with current numpy + setuptools ("BLAS not found",
+#   or `TypeError: Compiler.__init__()` with setuptools 84).
+# - The build step first upgrades pip (and setuptools, ninja) inside the environment, because the
+#   pip a fresh `python3 -m venv` ships on Python 3.11 (23.2.1) loses those settings:
+#   * with the `wheel` package importable it builds this setup.py-only project the legacy way
+#     (`setup.py egg_info` / `bdist_wheel`) and ignores --config-settings ("Config settings are
+#     ignored for project MinkowskiEngine"): the metadata step fails;
+#   * without `wheel` it uses setuptools' PEP 517 backend, which passes them to the metadata step
+#     only with setuptools >= 84 (setuptools 65, what the venv ships, leaves them out).
+#   pip 26 (26.2.1 tested) always uses the PEP 517 backend; with setuptools >= 84 (84.2.1 tested)
+#   the metadata and build steps both receive the settings. The cached-wheel path needs none of
+#   this (nor a compiler): any pip installs a wheel.
+# - ninja: torch's extension builder compiles in parallel with it (MAX_JOBS jobs, default 2 here).
 # - setup.py runs `pip uninstall MinkowskiEngine -y` itself; harmless, we install right after.
 # - No source patch is needed for torch 2.14.1 (C++20, gcc 12.2): the CPU build compiles as is.
 set -euo pipefail
@@ -82,7 +90,7 @@ if ls "$CACHE_DIR"/*.whl >/dev/null 2>&1; then
     rm -f "$CACHE_DIR"/*.whl
 fi
 
-log "no cached wheel for $KEY; building MinkowskiEngine $ME_VERSION from source (~6.5 min on 2 cores)"
+log "no cached wheel for $KEY; building MinkowskiEngine $ME_VERSION from source (6.5-16 min on 2 cores)"
 
 # --- build dependencies ---
 any_exists() { local f; for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
@@ -102,8 +110,9 @@ if ! have_openblas; then
     fi
 fi
 command -v c++ >/dev/null || die "no C++ compiler (c++) found: install g++ (build-essential)"
-log "installing build tools (ninja, setuptools>=84)"
-"$PY" -m pip install -q ninja "setuptools>=84" || die "pip install ninja setuptools failed"
+log "build tools: pip>=26, setuptools>=84, ninja (pip upgrades only what is older or missing)"
+"$PY" -m pip install -q "pip>=26" "setuptools>=84" ninja || die "pip install pip>=26 setuptools>=84 ninja failed"
+log "build tools: $("$PY" -m pip --version | cut -d' ' -f1-2), setuptools $("$PY" -c 'import setuptools; print(setuptools.__version__)')"
 
 # --- build the wheel ---
 BUILD_DIR=$(mktemp -d "${TMPDIR:-/tmp}/me-build.XXXXXX")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import fcmae
-from fcmae.weights.convert import load_checkpoint
+from fcmae.weights import load_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(RESULTS.parent))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything issue 7 measures on a GPU, in stages of under 10 minutes each (an H100/H200 budget).
+# Every GPU benchmark, in stages of under 10 minutes each (an H100/H200 budget).
 # Run from the repository root with fcmae installed (pip install -e ".[dev,bench]"):
 #
 #   bash benchmarks/gpu_suite.sh tests      # tests/test_gpu.py and the model tests on the device

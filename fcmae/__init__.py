@@ -1,5 +1,5 @@
 """fcmae: FCMAE pretraining of ConvNeXt V2, fine-tuning, and publishing."""
-from .weights.convert import LoadReport, load_checkpoint
+from .weights import LoadReport, load_checkpoint
 from .models import FCMAE, ConvNeXt, create_fcmae, create_model, list_models, register_model
 
 __version__ = "0.1.0"

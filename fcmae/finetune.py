@@ -1,5 +1,5 @@
 """``python -m fcmae.finetune``: the same as ``finetune/run.py``."""
-from .tasks.classify_model import main  # noqa: F401
+from .tasks.classify import main
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """``python -m fcmae.predict``: see ``fcmae.tasks.predict``."""
-from .tasks.predict import main  # noqa: F401
+from .tasks.predict import main
 
 if __name__ == "__main__":
     main()

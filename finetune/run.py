@@ -29,10 +29,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: put the repo root, not finetune/, first on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from fcmae.tasks.classify import main as run  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
-    from fcmae.finetune import main as run
-
     run(argv, description=__doc__)
 
 

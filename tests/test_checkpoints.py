@@ -1,5 +1,5 @@
 """load_checkpoint against independent implementations: timm, transformers, and official layouts
-rebuilt here by hand from timm weights (REFERENCE.md section 5), never with fcmae's rename tables."""
+rebuilt here by hand from timm weights (the official code's and timm's checkpoint layouts), never with fcmae's rename tables."""
 import argparse
 import functools
 
@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.weights.convert import convert_state_dict, load_checkpoint
+from fcmae.weights.convert import convert_state_dict
+from fcmae.weights import load_checkpoint
 
 timm = pytest.importorskip("timm")
 
 N_CLASSES = 7  # not 1000, so a head that silently kept its own shape cannot pass
-ARCH = {  # REFERENCE.md section 1, written out so the transformers configs do not come from fcmae
+ARCH = {  # the ConvNeXt V2 paper and README, written out so the transformers configs do not come from fcmae
     "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
     "convnextv2_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
     "convnextv2_pico": ((2, 2, 6, 2), (64, 128, 256, 512)),

@@ -16,7 +16,7 @@ from accelerate.data_loader import prepare_data_loader  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
-from fcmae.data.sources import (  # noqa: E402
+from fcmae.data import (  # noqa: E402
     DEMO_DIR, BadImageCounter, DataConfig, PretrainImages, build_pretrain_loader, decode_rgb,
     load_images, pretrain_transform, to_rgb,
 )

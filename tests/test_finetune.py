@@ -1,8 +1,8 @@
-"""Fine-tuning (issue 5): finetune/run.py and python -m fcmae.predict run as a user would, in
+"""Fine-tuning: finetune/run.py and python -m fcmae.predict run as a user would, in
 subprocesses, on generated labelled images (3 classes of coloured shapes) with atto at 64 px.
 
 Reference values come from independent paths: checkpoint fixtures are written by timm's and
-transformers' own savers or built here by hand from REFERENCE.md section 5; pretrained features come
+transformers' own savers or built here by hand from the official code's and timm's checkpoint layouts; pretrained features come
 from the FCMAE model that produced them; layer-decay scales are computed by hand."""
 import argparse
 import json
@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 import fcmae
 from conftest import CLI_ENV as ENV
 from conftest import ROOT, run_cli
-from fcmae.tasks.classify_model import FinetuneConfig, build_model
+from fcmae.tasks.classifier import build_classifier
+from fcmae.tasks.classify import FinetuneConfig
 
 FINETUNE, PRETRAIN = str(ROOT / "finetune" / "run.py"), str(ROOT / "fcmae" / "pretrain.py")
 CLASSES = ["circle", "square", "triangle"]
@@ -216,7 +217,7 @@ KINDS = ["run_dir", "encoder", "fcmae", "checkpoint_dir", "official_minkowski", 
 def test_from_fcmae_source_gives_the_source_features(kind, pretrain_run, tmp_path, monkeypatch, rel_err):
     x = torch.randn(2, 3, 64, 96)
     src, expected = source_and_reference(kind, pretrain_run, tmp_path, x, monkeypatch)
-    model, report = build_model(FinetuneConfig(from_fcmae=src, drop_path=0.0), num_classes=3)  # --model inferred
+    model, report = build_classifier(FinetuneConfig(from_fcmae=src, drop_path=0.0), num_classes=3)  # --model inferred
     assert model.name == "convnextv2_atto" and report.missing == sorted(k for k in model.state_dict() if "head" in k)
     with torch.no_grad():
         assert rel_err(model.eval().forward_features(x), expected) < 1e-5
@@ -404,19 +405,18 @@ def test_eval_transform_crops_below_384_and_warps_from_384():
 
 def test_presets_hold_the_official_recipes():
     from fcmae.training.config import build, load_yaml
-    from fcmae.tasks.classify_model import validate
 
     files = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
     expected_files = [f"{m}_224" for m in fcmae.list_models("convnextv2_*")] + [
         f"convnextv2_{s}_384" for s in ("nano", "tiny", "base", "large", "huge")] + ["convnextv2_huge_512"]
     assert sorted(f.stem for f in files) == sorted(expected_files)
-    # REFERENCE.md section 4: blr, epochs, warmup, layer decay, type, wd, drop path, mixup, cutmix, smoothing
+    # official ConvNeXt V2 code: blr, epochs, warmup, layer decay, type, wd, drop path, mixup, cutmix, smoothing
     official = {"atto": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0.0, 0.0, 0.2),
                 "tiny": (8e-4, 300, 40, 0.9, "single", 0.05, 0.2, 0.8, 1.0, 0.1),
                 "base": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.1, 0.8, 1.0, 0.1)}
     for f in files:
         cfg = build(FinetuneConfig, load_yaml(f))
-        validate(cfg)
+        cfg.validate()
         size, res = f.stem.split("_")[1], int(f.stem.split("_")[2])
         assert cfg.model == f"convnextv2_{size}" and cfg.input_size == res
         assert cfg.batch_size * cfg.grad_accum * 8 == 1024  # the official effective batch, on 8 GPUs
@@ -430,11 +430,11 @@ def test_presets_hold_the_official_recipes():
 
 def test_flags_and_bad_arguments():
     from fcmae.training.config import parse_args
-    from fcmae.tasks.classify_model import choose_preset, validate
+    from fcmae.tasks.classify import choose_preset
 
     def parse(*argv):
         cfg = parse_args(FinetuneConfig, list(argv), choose_preset=choose_preset)
-        validate(cfg)
+        cfg.validate()
         return cfg
 
     probe = parse("--linear-probe", "--data", "x")

@@ -1,4 +1,4 @@
-"""Hub export, push and load-back (issue 6), all offline.
+"""Hub export, push and load-back, all offline.
 
 Every export is checked by loading it with an independent implementation (timm, transformers'
 timm wrapper, transformers' native ConvNextV2) and comparing outputs with the fcmae model that

@@ -9,7 +9,7 @@ from fcmae.models import table as model_table
 
 ATTO_DIMS = (40, 80, 160, 320)
 
-# Published figures, written out here (REFERENCE.md section 1; ConvNeXt V1 paper Tables 1-2 and the
+# Published figures, written out here (the ConvNeXt V2 paper and README; ConvNeXt V1 paper Tables 1-2 and the
 # official README, which give V1 params in whole millions).
 PUBLISHED_PARAMS_M = {
     "convnextv2_atto": "3.71", "convnextv2_femto": "5.23", "convnextv2_pico": "9.07", "convnextv2_nano": "15.62",

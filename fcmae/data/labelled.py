@@ -12,48 +12,17 @@ out of the accuracy (``ok`` False), never replaced: a stand-in would change the 
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import datasets
 import torch
 from datasets import ClassLabel
-from timm.data import create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision import transforms
 
-from . import sources as fdata
-
-EVAL_CROP_PCT = 0.875  # below 384 px: resize to size / 0.875, centre crop (REFERENCE.md section 4)
-
-
-def train_transform(input_size: int, aa: str | None, reprob: float, remode: str = "pixel", recount: int = 1,
-                    color_jitter: float | None = 0.4):
-    """timm's ImageNet training transform: RandomResizedCrop (bicubic), flip, RandAugment ``aa``,
-    normalisation, RandomErasing (probability ``reprob``, per-pixel noise). ``color_jitter`` applies
-    only without ``aa`` (timm switches it off under RandAugment, as the official recipe expects)."""
-    return create_transform(input_size, is_training=True, auto_augment=aa or None, interpolation="bicubic",
-                            re_prob=reprob, re_mode=remode, re_count=recount, color_jitter=color_jitter,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-
-
-def eval_transform(input_size: int, crop_pct: float | None = None):
-    """Below 384 px: resize the short side to ``input_size / crop_pct`` then centre crop; at 384 and
-    above: resize straight to ``input_size`` x ``input_size`` (no crop). Bicubic, ImageNet mean/std."""
-    bicubic = transforms.InterpolationMode.BICUBIC
-    if input_size >= 384 and crop_pct is None:
-        resize = [transforms.Resize((input_size, input_size), interpolation=bicubic)]
-    else:
-        resize = [transforms.Resize(int(input_size / (crop_pct or EVAL_CROP_PCT)), interpolation=bicubic),
-                  transforms.CenterCrop(input_size)]
-    return transforms.Compose([*resize, transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-
+from .listing import class_labels, local_files
+from .loaders import EpochLoader, epoch_loader
+from .samples import ImageSamples
+from .sources import folder_dataset, image_column, is_local, load_hub
+from .transforms import eval_transform, train_transform
 
 # ----------------------------------------------------------------------------- sources
-
-def _is_local(source: str) -> bool:
-    return os.path.exists(os.path.expanduser(source)) or source.startswith(("/", ".", "~")) or source.count("/") > 1
 
 
 def _split_name(split: str) -> str:
@@ -67,16 +36,23 @@ def load_splits(cfg, with_train: bool = True) -> tuple[datasets.Dataset | None, 
         raise ValueError("Give the labelled data: --data FOLDER (train/ and val/ class folders, or split parquet "
                          "files) or --dataset-name OWNER/NAME (a Hub dataset with a label column), not both.")
     source = cfg.dataset_name or cfg.data
-    splits = (_split_name(cfg.train_split), _split_name(cfg.val_split))
-    if cfg.dataset_name is None and _is_local(source):
-        files = {}
-        for split in splits if with_train else splits[1:]:
-            builder, files[split] = fdata._local_files(os.path.expanduser(source), split)
-        # one load for both splits: imagefolder then names classes from the folders of both
-        both = datasets.load_dataset(builder, data_files=files)
+    if cfg.dataset_name is None and is_local(source):
+        splits = (_split_name(cfg.train_split), _split_name(cfg.val_split))
+        found = {split: local_files(source, split) for split in (splits if with_train else splits[1:])}
+        builders = sorted({builder for builder, _ in found.values()})
+        if len(builders) > 1:
+            raise ValueError(f"{source!r}: the splits hold different kinds of files ({', '.join(builders)}); "
+                             "give every split as image folders, or every split as parquet/arrow files.")
+        files = {split: split_files for split, (_, split_files) in found.items()}
+        if builders[0] == "imagefolder":  # classes named from the folders of both splits, as datasets does
+            labelled = class_labels(files)
+            both = {split: folder_dataset(fs, *((labelled[1][split], labelled[0]) if labelled else ()))
+                    for split, fs in files.items()}
+        else:
+            both = datasets.load_dataset(builders[0], data_files=files)
         return both[splits[0]] if with_train else None, both[splits[1]], source
-    hub = [fdata._load_hub(source, fdata.DataConfig(dataset_config_name=cfg.dataset_config_name, split=s))
-           if with_train or s == cfg.val_split else None for s in (cfg.train_split, cfg.val_split)]
+    hub = [load_hub(source, cfg.dataset_config_name, s) if with_train or s == cfg.val_split else None
+           for s in (cfg.train_split, cfg.val_split)]
     return hub[0], hub[1], source
 
 
@@ -121,7 +97,7 @@ def labels_and_names(train: datasets.Dataset, val: datasets.Dataset, column: str
 
 # ----------------------------------------------------------------------------- datasets and loaders
 
-class LabelledImages(fdata._Images, torch.utils.data.Dataset):
+class LabelledImages(ImageSamples, torch.utils.data.Dataset):
     """``ds[(index, epoch)]`` or ``ds[index]`` -> (image (3, S, S), label, ok)."""
 
     def __init__(self, hf, labels, transform, seed=0, max_bad_fraction=0.01, train=True, input_size=224):
@@ -132,22 +108,13 @@ class LabelledImages(fdata._Images, torch.utils.data.Dataset):
         return len(self.hf)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        image = self._decode(self.hf[index]["image"], index)
-        if image is None and not self.train:  # left out of the metric, never replaced
+        index, epoch = self.key(key)
+        image, source, ok = self.read(index, stand_in=self.train)  # a stand-in brings its own label
+        if image is None:  # validation: left out of the metric, never replaced
             return torch.zeros(3, self.input_size, self.input_size), self.labels[index], False
-        ok, label = image is not None, self.labels[index]
-        for step in range(1, min(len(self), fdata.MIN_SEEN + 1)):  # stand-in: the next readable sample
-            if image is not None:
-                break
-            with contextlib.suppress(Exception):
-                image = fdata.decode_rgb(self.hf[(index + step) % len(self)]["image"])
-                label = self.labels[(index + step) % len(self)]
-        if image is None:
-            raise RuntimeError(f"Image {index} and the {fdata.MIN_SEEN} after it could not be decoded.")
         if not self.train:
-            return self.transform(image), label, ok
-        return self._augment(image, epoch, index), label, ok
+            return self.transform(image), self.labels[source], ok
+        return self.augment(image, epoch, index), self.labels[source], ok
 
 
 def load_labelled(cfg, with_train: bool = True):
@@ -156,24 +123,21 @@ def load_labelled(cfg, with_train: bool = True):
     train, val, source = load_splits(cfg, with_train)
     column = _label_column(train if train is not None else val, cfg.label_column, source)
     train_labels, val_labels, names = labels_and_names(train if train is not None else val, val, column, source)
-    train = fdata._image_column(train, cfg.image_column, source) if train is not None else None
-    val = fdata._image_column(val, cfg.image_column, source)
+    train = image_column(train, cfg.image_column, source) if train is not None else None
+    val = image_column(val, cfg.image_column, source)
     if len(val) == 0:
         raise ValueError(f"{source!r}: the validation split {cfg.val_split!r} is empty.")
     return train, train_labels, val, val_labels, names
 
 
-def build_train_loader(cfg, train, labels, world_size: int = 1, pin_memory: bool = False):
-    """An ``fcmae.data.PretrainLoader`` over an ``EpochSampler`` (call ``set_epoch``), full batches only."""
+def build_train_loader(cfg, train, labels, world_size: int = 1, pin_memory: bool = False) -> EpochLoader:
+    """An ``EpochLoader`` over an ``EpochSampler`` (call ``set_epoch``), full batches only."""
     if len(train) // world_size // cfg.batch_size == 0:
         raise ValueError(f"{len(train)} training images are too few for batch size {cfg.batch_size} on {world_size} "
                          "process(es) (batches are full, the incomplete last one is dropped). Lower --batch-size.")
     tf = train_transform(cfg.input_size, cfg.aa, cfg.reprob, color_jitter=cfg.color_jitter)
     ds = LabelledImages(train, labels, tf, cfg.seed, cfg.max_bad_fraction, True, cfg.input_size)
-    generator = torch.Generator().manual_seed(cfg.seed)  # DataLoader's base-seed draw, not the global RNG
-    return fdata.PretrainLoader(ds, sampler=fdata.EpochSampler(len(ds), cfg.seed), batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers, drop_last=True, generator=generator,
-                                pin_memory=pin_memory)
+    return epoch_loader(ds, cfg.batch_size, cfg.num_workers, cfg.seed, pin_memory)
 
 
 def build_val_loader(cfg, val, labels, pin_memory: bool = False):

@@ -75,12 +75,14 @@ class Head(nn.Module):
 
 
 class ConvNeXt(nn.Module):
-    """ConvNeXt V1/V2 classifier. ``forward_features`` gives the final map (N, C4, H/32, W/32)."""
+    """ConvNeXt V1/V2 classifier on (N, in_chans, H, W) images. ``forward_features`` gives the final map
+    (N, C4, H/32, W/32)."""
 
     def __init__(self, cfg: ConvNeXtConfig, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
                  head_init_scale: float = 1.0, drop_rate: float = 0.0, name: str | None = None):
         super().__init__()
         self.cfg, self.name = cfg, name
+        self.in_chans = in_chans  # image channels the stem takes (3 for RGB; any count, as in timm)
         self.num_classes = num_classes
         self.num_features = cfg.dims[-1]
         p = cfg.stem_patch
@@ -104,10 +106,13 @@ class ConvNeXt(nn.Module):
             self.head.fc.bias.data.mul_(head_init_scale)
 
     def check_input(self, x: torch.Tensor) -> None:
-        s = self.total_stride
+        s, name = self.total_stride, self.name or "ConvNeXt"
+        if x.ndim == 4 and x.shape[1] != self.in_chans:
+            raise ValueError(f"{name} was built for {self.in_chans}-channel images; got shape {tuple(x.shape)}. "
+                             f"Create the model with in_chans={x.shape[1]}, or give it {self.in_chans}-channel input.")
         if x.ndim != 4 or x.shape[-2] % s or x.shape[-1] % s:
             raise ValueError(
-                f"{self.name or 'ConvNeXt'} takes (N, C, H, W) images with H and W multiples of {s}; "
+                f"{name} takes (N, {self.in_chans}, H, W) images with H and W multiples of {s}; "
                 f"got shape {tuple(x.shape)}. Resize or crop the input to a multiple of {s} "
                 f"(e.g. {max(s, x.shape[-2] // s * s)}x{max(s, x.shape[-1] // s * s)}).")
 

@@ -23,7 +23,7 @@ import torch
 
 from . import create_model, list_models
 
-# Figures as printed, so their precision is known. V2: REFERENCE.md section 1 (ConvNeXt V2 paper
+# Figures as printed, so their precision is known. V2: the ConvNeXt V2 paper (Table 1
 # and README). V1: "A ConvNet for the 2020s", Tables 1 and 2, and the official README
 # (facebookresearch/ConvNeXt): params in whole millions; the README's 22K table gives 47.0G for
 # ConvNeXt-B at 384 where its 1K table gives 45.0G for the same architecture; 45.0 is the one

@@ -21,7 +21,7 @@ def _block(blk, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
                     num_visible: int | None = None) -> torch.Tensor:
-    """imgs (N, 3, H, W), mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
+    """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches."""
     x = encoder.stem(imgs)  # non-overlapping: masking its output suffices
     for stage in encoder.stages:

@@ -35,7 +35,9 @@ def from_grid(y: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torc
 
 
 def _stem(stem, imgs: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Patchify conv (k = stride = s) on the visible 32-px patches only, as one matrix product."""
+    """Patchify conv (k = stride = s) on the visible 32-px patches only, as one matrix product. Each
+    s x s window is flattened in (channel, kh, kw) order, the order of ``conv.weight.flatten(1)``, so
+    any channel count works."""
     conv = stem[0]
     s = conv.stride[0]
     n, c, H, W = imgs.shape
@@ -69,7 +71,7 @@ def _block(blk, x: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> to
 
 def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
                     num_visible: int | None = None) -> torch.Tensor:
-    """imgs (N, 3, H, W), mask (N, L) 0 keep / 1 remove -> (N, C4, h, w), zero at masked patches.
+    """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove -> (N, C4, h, w), zero at masked patches.
     ``num_visible``: patches kept per sample when known (avoids a host sync)."""
     ids = keep_indices(mask, num_visible)
     x = _stem(encoder.stem, imgs, ids, grid)

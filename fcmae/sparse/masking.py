@@ -44,7 +44,7 @@ def keep_indices(mask: torch.Tensor, num_visible: int | None = None) -> torch.Te
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, L, p*p*3), each patch flattened in (row, col, channel) order."""
+    """(N, C, H, W) -> (N, L, p*p*C), each patch flattened in (row, col, channel) order."""
     n, c, h, w = imgs.shape
     x = imgs.reshape(n, c, h // p, p, w // p, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)

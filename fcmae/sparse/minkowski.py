@@ -178,7 +178,7 @@ def __getattr__(name: str):
 
 def _forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
                      num_visible: int | None = None) -> torch.Tensor:
-    """imgs (N, 3, H, W), mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
+    """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches. ``num_visible`` is accepted for the backend interface and
     not needed: sparse tensors hold any number of sites per sample."""
     ME = import_minkowski()

@@ -8,79 +8,61 @@ Usage:
 The model name, class names and input size come from the checkpoint's metadata (fine-tuning writes
 them), so --model and --labels are needed only for checkpoints from elsewhere. Class names are
 looked for in: --labels, the checkpoint's metadata, the run's labels.txt; else "class i".
+Every readable image is predicted; each unreadable one is named with its reason on stderr, and the
+command then exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-RUN_FILES = ("best.safetensors", "best_ema.safetensors", "last.safetensors")
+from ..data import decode_rgb, eval_transform
+from ..training.config import exit_on_user_error
+from .classifier import load_classifier
 
 
-def resolve_checkpoint(checkpoint: str) -> str:
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        for name in RUN_FILES:  # a fine-tuning output directory
-            if (path / name).is_file():
-                return str(path / name)
-    return checkpoint
-
-
-def read_labels(path: str | Path) -> list[str]:
-    """Class names from a JSON list or a text file with one name per line."""
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        return [str(n) for n in json.loads(text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def class_names(meta: dict, checkpoint: str, num_classes: int, labels: str | None = None) -> list[str]:
-    if labels:
-        names = read_labels(labels)
-    elif "class_names" in meta:
-        names = json.loads(meta["class_names"])
-    else:  # labels.txt of the run: beside best.safetensors, or two levels above checkpoints/step_N
-        found = [d / "labels.txt" for d in Path(checkpoint).parents[:3] if (d / "labels.txt").is_file()]
-        names = read_labels(found[0]) if found else [f"class {i}" for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for a classifier of {num_classes} classes "
-                         f"({labels or checkpoint}).")
-    return names
-
-
-def load_classifier(checkpoint: str, model_name: str | None = None, labels: str | None = None):
-    """(model in eval mode, checkpoint metadata, class names). Loads strictly, head included."""
-    from ..weights.convert import convert_state_dict, load_checkpoint, read_state_dict
-    from .classify_model import infer_model_name, safetensors_metadata
-    from ..models import create_model
-
-    path = resolve_checkpoint(checkpoint)
-    meta = safetensors_metadata(path)
-    state = read_state_dict(path)
-    converted = convert_state_dict(state)[1]
-    if "head.fc.weight" not in converted:
-        raise ValueError(f"{checkpoint} holds no classifier (no head): fine-tune it first (finetune/run.py).")
-    num_classes = converted["head.fc.weight"].shape[0]
-    model = create_model(model_name or infer_model_name(state, meta, checkpoint), num_classes=num_classes)
-    load_checkpoint(model, state)
-    return model.eval(), meta, class_names(meta, path, num_classes, labels)
+def read_images(paths: list[str]):
+    """(decoded images with their paths, [(path, reason)] for those that could not be read)."""
+    good, failed = [], []
+    for path in paths:
+        try:
+            good.append((path, decode_rgb(path)))
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+            failed.append((path, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
+    return good, failed
 
 
 @torch.no_grad()
-def predict(model, paths: list[str], input_size: int, crop_pct: float | None = None, topk: int = 5):
-    """[(path, [(class index, probability), ...])] for each image, best first."""
-    from ..data.sources import decode_rgb
-    from ..data.labelled import eval_transform
-
+def predict(model, images, input_size: int, crop_pct: float | None = None, topk: int = 5, batch_size: int = 32):
+    """[(path, [(class index, probability), ...])] for each (path, PIL image), best first."""
     tf = eval_transform(input_size, crop_pct)
-    batch = torch.stack([tf(decode_rgb(p)) for p in paths])
-    probs = model(batch).float().softmax(dim=1)
-    top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [(p, list(zip(i.tolist(), v.tolist()))) for p, i, v in zip(paths, top.indices, top.values)]
+    results = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        probs = model(torch.stack([tf(im) for _, im in chunk])).float().softmax(dim=1)
+        top = probs.topk(min(topk, probs.shape[1]), dim=1)
+        results += [(p, list(zip(j.tolist(), v.tolist()))) for (p, _), j, v in zip(chunk, top.indices, top.values)]
+    return results
+
+
+def run(args) -> int:
+    model, meta, names = load_classifier(args.checkpoint, args.model, args.labels)
+    size = args.input_size or int(meta.get("input_size", 224))
+    crop = float(meta["crop_pct"]) if "crop_pct" in meta else None
+    images, failed = read_images(args.images)
+    for path, top in predict(model, images, size, crop, args.topk):
+        print(path)
+        width = max(len(names[i]) for i, _ in top)
+        for rank, (i, p) in enumerate(top, 1):
+            print(f"  {rank}. {names[i]:<{width}}  {p:.4f}")
+    sys.stdout.flush()
+    for path, reason in failed:
+        print(f"error: cannot read {path}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(args.images)} images could not be read.", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,17 +74,4 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", help="class names: a text file, one per line, or a JSON list")
     parser.add_argument("--input-size", type=int, help="default: the checkpoint's fine-tuning size, else 224")
     parser.add_argument("--topk", type=int, default=5)
-    args = parser.parse_args(argv)
-    model, meta, names = load_classifier(args.checkpoint, args.model, args.labels)
-    size = args.input_size or int(meta.get("input_size", 224))
-    crop = float(meta["crop_pct"]) if "crop_pct" in meta else None
-    for path, top in predict(model, args.images, size, crop, args.topk):
-        print(path)
-        width = max(len(names[i]) for i, _ in top)
-        for rank, (i, p) in enumerate(top, 1):
-            print(f"  {rank}. {names[i]:<{width}}  {p:.4f}")
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_user_error(run, parser.parse_args(argv)))

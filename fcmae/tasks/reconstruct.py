@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 @torch.no_grad()
-def reconstruction_panel(forward, model, imgs: torch.Tensor, mask: torch.Tensor) -> Image.Image:
-    """imgs (N, 3, H, W) normalised; mask (N, L) 0 keep / 1 remove. ``forward`` runs the model (the
-    Accelerate-wrapped one, so sharded models work too), ``model`` is the unwrapped FCMAE.
+def reconstruction_panel(forward, model, imgs: torch.Tensor, mask: torch.Tensor, mean, std,
+                         channels=(0, 1, 2)) -> Image.Image:
+    """imgs (N, C, H, W) normalised with ``mean``/``std``; mask (N, L) 0 keep / 1 remove. ``forward``
+    runs the model (the Accelerate-wrapped one, so sharded models work too), ``model`` is the
+    unwrapped FCMAE. ``channels``: the three (or one, shown gray) channels drawn as RGB.
     Returns one PIL image."""
     _, pred, _ = forward(imgs, mask)
     grid = model.grid(imgs)
@@ -25,7 +26,6 @@ def reconstruction_panel(forward, model, imgs: torch.Tensor, mask: torch.Tensor)
     imgs = imgs.float()
     rows = torch.cat([imgs, imgs * (1 - pix), pred, imgs * (1 - pix) + pred * pix], dim=-1)  # side by side
     panel = torch.cat(list(rows), dim=-2)  # images stacked vertically
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    panel = ((panel.cpu() * std + mean).clamp(0, 1) * 255).round().byte()
-    return Image.fromarray(panel.permute(1, 2, 0).numpy())
+    panel = panel.cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    panel = (panel[list(channels)].clamp(0, 1) * 255).round().byte()
+    return Image.fromarray(panel.expand(3, -1, -1).permute(1, 2, 0).numpy())

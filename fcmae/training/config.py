@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -46,7 +48,9 @@ def _convert(value, t, name: str):
                 raise ValueError
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if typing.get_origin(t) in (list, tuple):
-            return list(value) if not isinstance(value, str) else [v for v in value.split(",") if v]
+            items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            inner = (typing.get_args(t) or (typing.Any,))[0]
+            return [_convert(v.strip() if isinstance(v, str) else v, inner, name) for v in items]
         return t(value)
     except (ValueError, TypeError, argparse.ArgumentTypeError):
         raise ValueError(f"Config field {name!r} expects {getattr(t, '__name__', t)}, got {value!r}.") from None
@@ -70,8 +74,6 @@ def build(cls, *layers: dict):
     for layer in layers:
         for k, v in layer.items():
             if k not in names:
-                import difflib
-
                 close = difflib.get_close_matches(k, names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"Unknown config field {k!r}{hint}. Known fields: {', '.join(sorted(names))}.")
@@ -102,6 +104,28 @@ def parse_args(cls, argv: list[str] | None = None, description: str = "", choose
     return build(cls, preset, file_values, args)
 
 
+# what a user can cause and fix: a bad flag, path, size, file or checkpoint. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a user error exits with status 2 and its message, no traceback
+    (``FCMAE_DEBUG=1`` keeps the traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        if os.environ.get("FCMAE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def cli(cls, run, argv: list[str] | None = None, description: str = "", choose_preset=None):
+    """An entry point: parse ``argv`` into ``cls`` and call ``run(cfg)``, user errors exiting with 2."""
+    return exit_on_user_error(lambda: run(parse_args(cls, argv, description, choose_preset)))
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -112,3 +136,101 @@ def save_yaml(data: dict, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the shared fields
+
+def help_field(text: str, default=None):
+    """A dataclass field whose ``--help`` line is ``text``."""
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Fields every task has. A task's config subclasses it, adds its own fields and may change
+    defaults by declaring a field again; ``validate`` checks the shared ones and ``check`` is the
+    task's hook for its own."""
+
+    # model
+    model: str | None = help_field("registered model name (fcmae.list_models())")
+    input_size: int = 224
+    in_chans: int = 3  # input channels: 3 for images; any N for multi-band arrays (.npy, TIFF)
+    drop_path: float = 0.0
+    # data
+    data: str | None = help_field("local data: a folder or parquet/arrow file(s)")
+    dataset_name: str | None = help_field("Hub dataset id")
+    dataset_config_name: str | None = None
+    image_column: str | None = help_field("column holding the images (default: the first Image column)")
+    max_bad_fraction: float = 0.01
+    num_workers: int = 4
+    mean: list[float] | None = help_field("per-channel mean (default ImageNet's; required when --in-chans is not 3)")
+    std: list[float] | None = help_field("per-channel std (default ImageNet's; required when --in-chans is not 3)")
+    channel_axis: str = "last"  # .npy / TIFF page stacks: (H, W, N) 'last' or (N, H, W) 'first'
+    # optimisation
+    batch_size: int = 64  # per device
+    grad_accum: int = 1
+    epochs: int = 100
+    max_steps: int | None = help_field("stop after this many optimizer steps (the schedule spans them)")
+    blr: float = 1e-3  # lr = blr * effective batch / 256
+    lr: float | None = help_field("absolute lr; overrides blr")
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = help_field("overrides warmup_epochs")
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    clip_grad: float | None = None
+    # runtime
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    compile: bool = False  # torch.compile the model (in place: checkpoint names do not change)
+    channels_last: bool = False
+    cudnn_benchmark: bool = True  # CUDA: autotune convolutions for the fixed input size
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    save_every: int | None = help_field("checkpoint every N optimizer steps")
+    keep_last: int = 2
+    resume: str | None = help_field("auto (newest checkpoint in output_dir) or a checkpoint/run directory")
+    log_every: int = 20
+    report_to: str = "auto"  # auto (tensorboard if installed) | none | tensorboard | wandb | all
+    push_to_hub: str | None = help_field("OWNER/NAME: export and push to the Hugging Face Hub at the end")
+    hub_private: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag and the fix for any inconsistent value."""
+        if self.push_to_hub:
+            from huggingface_hub.utils import validate_repo_id
+
+            try:  # a typo fails now, not after training
+                validate_repo_id(self.push_to_hub)
+            except Exception as e:  # noqa: BLE001 - HFValidationError is a ValueError in some versions only
+                raise ValueError(f"--push-to-hub {self.push_to_hub!r}: {e}") from None
+        if self.input_size <= 0 or self.input_size % 32:
+            raise ValueError(f"--input-size must be a positive multiple of 32 (the encoder's total stride); got "
+                             f"{self.input_size}. Try {max(32, round(self.input_size / 32) * 32)}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16; got {self.mixed_precision!r}.")
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "epochs", "save_every", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {value}.")
+        if self.in_chans < 1:
+            raise ValueError(f"--in-chans must be at least 1; got {self.in_chans}.")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None and self.in_chans != 3:
+                raise ValueError(f"--in-chans {self.in_chans} needs --{name} with one value per channel; compute "
+                                 "them with: python -m fcmae.data stats DIR")
+            if value is not None and len(value) != self.in_chans:
+                raise ValueError(f"--{name} has {len(value)} values for {self.in_chans} input channels.")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"--std must be positive; got {self.std}.")
+        if self.channel_axis not in ("last", "first"):
+            raise ValueError(f"--channel-axis must be last or first; got {self.channel_axis!r}.")
+        if self.model is not None:
+            from ..models.registry import model_entry
+
+            model_entry(self.model)  # an unknown name raises, with a "did you mean"
+        self.check()
+
+    def check(self) -> None:
+        """A task's own checks (called by ``validate``)."""

@@ -1,4 +1,4 @@
-"""Layer-wise learning-rate decay for ConvNeXt fine-tuning (REFERENCE.md section 4).
+"""Layer-wise learning-rate decay for ConvNeXt fine-tuning (official ConvNeXt V2 code).
 
 Every parameter gets a layer id; its learning rate is scaled by
 ``decay ** (num_layers + 1 - layer_id)``, so the head trains at the full rate and the stem at the

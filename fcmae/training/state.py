@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
+from dataclasses import asdict
 from pathlib import Path
 
-
-from ..weights.files import save_safetensors, write_atomic_text  # noqa: F401  (re-exported for the tasks)
-
-POSITION = "position.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from ..weights.files import write_atomic_text
+from ..weights.source import POSITION, complete_checkpoints
 
 
 def fault_point(name: str, step: int) -> None:
@@ -27,16 +24,6 @@ def fault_point(name: str, step: int) -> None:
     spec = os.environ.get("FCMAE_FAULT")
     if spec and spec == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def complete_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``ckpt_root``, oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / POSITION).is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
@@ -57,20 +44,6 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     return found[-1]
 
 
-def restore(accelerator, resume: str | None, output_dir, position: dict, say=print) -> Path | None:
-    """Load the checkpoint ``--resume`` names (Accelerate state into the prepared objects, the
-    training position into ``position``); None when there is nothing to resume (``auto`` on a new run)."""
-    ckpt = resolve_resume(resume, output_dir)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        position.update(read_position(ckpt))
-        say(f"[fcmae] resumed from {ckpt} at step {position['step']} (epoch {position['epoch']}, "
-            f"batch {position['batch']})")
-    elif resume and resume != "auto":
-        raise FileNotFoundError(f"--resume {resume}: nothing to resume from.")
-    return ckpt
-
-
 def trim_log(path: Path, keep) -> None:
     """Keep the rows of a JSON-lines log for which ``keep(row)`` holds: a resumed run drops the rows
     of the steps it repeats, so the log reads as one uninterrupted run."""
@@ -79,12 +52,10 @@ def trim_log(path: Path, keep) -> None:
         write_atomic_text(path, "".join(r + "\n" for r in rows if keep(json.loads(r))))
 
 
-def read_position(ckpt: Path) -> dict:
-    return json.loads((ckpt / POSITION).read_text())
-
-
-def save_checkpoint(accelerator, ckpt_root: str | os.PathLike, position: dict, keep_last: int) -> Path:
-    """Every process calls this. Writes Accelerate's state and ``position`` atomically."""
+def save_checkpoint(accelerator, ckpt_root: str | os.PathLike, position, keep_last: int) -> Path:
+    """Every process calls this. Writes Accelerate's state and ``position`` (a dataclass of plain
+    types) atomically."""
+    position = asdict(position)
     root = Path(ckpt_root)
     final = root / f"step_{position['step']:08d}"
     tmp = root / f".tmp_step_{position['step']:08d}"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .source import read_metadata, run_dir_of
+
 SECRET_KEY = re.compile(r"token|secret|passw|api_?key|credential|auth", re.IGNORECASE)
 FINAL_FILES = ("final.yaml", "final.json", "metrics.json", "all_results.json", "eval_results.json")
 LABEL_FILES = ("label_names.json", "labels.txt", "classes.txt")
@@ -47,14 +49,8 @@ def read_run_info(path: Path | None) -> RunInfo:
     """Config, metrics and label names of the checkpoint file ``path`` (already resolved)."""
     if path is None:
         return RunInfo(None, None)
-    meta = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = dict(f.metadata() or {})
-    # a run's exports sit in the run directory; Accelerate states in run/checkpoints/step_N/
-    run_dir = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else path.parent
+    meta = read_metadata(path)
+    run_dir = run_dir_of(path)
     config = json.loads(meta["config"]) if "config" in meta else _read_mapping(run_dir / "config.yaml")
     metrics = {"checkpoint": _scalars({k: _number(v) for k, v in meta.items() if k.startswith(METRIC_PREFIXES)})}
     metrics.update({name: _scalars(_read_mapping(run_dir / name)) for name in FINAL_FILES})

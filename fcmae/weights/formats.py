@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import (OFFICIAL_RENAMES, LoadReport, normalise_shapes, rename_keys, convert_state_dict,
-                          read_state_dict)
+from .convert import OFFICIAL_RENAMES, convert_state_dict, normalise_shapes, rename_keys
+from .load import LoadReport, read_state_dict
 from .card import PAPER, read_run_info, redact
+from .source import find_weights
 from .files import save_safetensors, write_atomic_text
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,10 @@ def write_transformers(net, out: Path, *, label_names, input_size: int, crop_pct
 def fcmae_args_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     """Decoder width, depth and patch size read off an FCMAE state dict (fcmae's names)."""
     depth = len({k.split(".")[1] for k in sd if k.startswith("decoder.")})
+    stem = sd.get("encoder.stem.0.weight")
+    in_chans = stem.shape[1] if stem is not None else 3  # pred has p*p*in_chans outputs
     return dict(decoder_dim=sd["proj.weight"].shape[0], decoder_depth=depth,
-                patch_size=int(round((sd["pred.weight"].shape[0] / 3) ** 0.5)))
+                patch_size=int(round((sd["pred.weight"].shape[0] / in_chans) ** 0.5)))
 
 
 def write_fcmae(source: Path, net, out: Path, run, as_config: bool) -> dict:
@@ -117,7 +120,8 @@ def write_fcmae(source: Path, net, out: Path, run, as_config: bool) -> dict:
                                 "Pass the pretraining run directory or its fcmae.safetensors as --checkpoint.")
     _, sd = _fcmae_state_dict(source)
     args = fcmae_args_from_state_dict(sd)
-    mae = create_fcmae(net.name, decoder_dim=args["decoder_dim"], decoder_depth=args["decoder_depth"])
+    mae = create_fcmae(net.name, decoder_dim=args["decoder_dim"], decoder_depth=args["decoder_depth"],
+                       in_chans=net.in_chans)
     load_fcmae_weights(mae, sd)
     enc = net.state_dict()
     if any(not torch.equal(v, enc[k]) for k, v in mae.encoder.state_dict().items()):
@@ -148,21 +152,9 @@ def _fcmae_state_dict(source) -> tuple[str, dict[str, torch.Tensor]]:
     return layout, {**{f"encoder.{k}": v for k, v in enc.items()}, **decoder}
 
 
-def fcmae_file(source):
-    if not isinstance(source, str) or not source.startswith("hf-hub:"):
-        p = Path(source) if isinstance(source, (str, Path)) else None
-        return p / "fcmae.safetensors" if p is not None and (p / "fcmae.safetensors").is_file() else source
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    repo, _, rev = source.removeprefix("hf-hub:").partition("@")
-    try:
-        return hf_hub_download(repo, "fcmae.safetensors", revision=rev or None)
-    except LocalEntryNotFoundError as e:  # first: a subclass of EntryNotFoundError in huggingface_hub >= 1.0
-        raise FileNotFoundError(f"{source}: fcmae.safetensors is not in the local cache and the Hub cannot be reached "
-                                "(HF_HUB_OFFLINE set or no network).") from e
-    except EntryNotFoundError as e:
-        raise FileNotFoundError(f"{source} has no fcmae.safetensors: it was exported without --format fcmae.") from e
+def fcmae_file(source) -> Path:
+    """The full FCMAE (encoder + decoder) file ``source`` means (see ``fcmae.weights.source``)."""
+    return find_weights(source, names=("fcmae.safetensors",))
 
 
 def load_fcmae_weights(fcmae_model, source) -> LoadReport:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .convert import resolve_path, convert_state_dict, load_checkpoint, read_state_dict
+from .load import load_checkpoint, open_weights
 from .formats import DECODER_PARTS, load_fcmae_weights, write_fcmae, write_timm, write_transformers
 from .card import read_label_names, read_run_info, render_card
 from ..models import create_model
@@ -68,11 +68,10 @@ def export(checkpoint, out, *, model: str | None = None, num_classes: int | None
     file (JSON list / mapping, or one name a line); by default read from the run. ``num_classes``
     defaults to the checkpoint's (0 for an encoder); 0 with a classifier checkpoint drops the classifier."""
     formats = parse_formats(formats)
-    path = resolve_path(str(checkpoint))
+    weights = open_weights(checkpoint)
+    path, layout, sd, ignored = weights.path, weights.layout, weights.state_dict, weights.ignored
     run = read_run_info(path)
     name = _model_name(model, run, path)
-    raw = read_state_dict(path)
-    layout, sd, ignored = convert_state_dict(raw)
     src_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
     num_classes = src_classes if num_classes is None else int(num_classes)
     if num_classes not in (0, src_classes):

@@ -1,0 +1,118 @@
+"""Loaders: batches in an order that is a pure function of (seed, epoch), sharded across processes.
+
+What the training loop does:
+- Count bad images in the main process. Worker counters never reach it (fcmae.data.samples).
+  Each step, add `(~ok).sum()` and `ok.numel()` to device tensors; now and then reduce them and call
+  `check_bad_fraction` (no per-step host sync), or feed `BadImageCounter.update(accelerator.gather(ok))`.
+- `loader.set_epoch(epoch)` before each epoch, on this loader or on the one returned by
+  `accelerator.prepare`. Order and augmentation are pure functions of (seed, epoch, index): they
+  depend neither on num_workers nor on the process. Keep persistent_workers off.
+- Resume mid-epoch: `loader.set_epoch(epoch)`, then `accelerator.skip_first_batches(loader, k)`.
+  The batches that follow are bitwise identical to those of the interrupted run.
+- Map-style: `accelerator.prepare(loader)` shards it. Streaming: the loader already holds this
+  rank's share, so do not prepare it (that would shard it twice); move batches to the device.
+"""
+from __future__ import annotations
+
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from .decode import decode_rgb
+from .samples import PretrainImages, StreamingPretrainImages, sample_seed
+from .sources import DataConfig, load_source
+from .transforms import eval_transform, pretrain_transform
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation of range(n) that depends only on (seed, epoch). It yields (index, epoch), so
+    workers need no epoch state. Accelerate's sharded batch sampler passes these keys through."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's prepared loader calls this one
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+        return iter([(i, self.epoch) for i in torch.randperm(self.n, generator=g).tolist()])
+
+
+class EpochLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose `set_epoch` reaches its sampler and its dataset."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in (getattr(self.batch_sampler, "sampler", None), self.dataset):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+
+PretrainLoader = EpochLoader  # the name fcmae.data has always exported
+
+
+def epoch_loader(dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
+                 pin_memory: bool = False) -> EpochLoader:
+    """Full batches of a map-style dataset of `ImageSamples`, in `EpochSampler` order."""
+    generator = torch.Generator().manual_seed(seed)  # DataLoader's base-seed draw, not the global RNG
+    return EpochLoader(dataset, sampler=EpochSampler(len(dataset), seed), batch_size=batch_size,
+                       num_workers=num_workers, drop_last=True, generator=generator, pin_memory=pin_memory)
+
+
+def build_pretrain_loader(cfg: DataConfig, batch_size: int, num_workers: int = 0, seed: int = 0,
+                          epoch: int = 0, rank: int = 0, world_size: int = 1, transform=None,
+                          pin_memory: bool = False) -> EpochLoader:
+    """A loader of (images (B, 3, S, S), ok (B,)) batches with drop_last, set to `epoch`.
+
+    Map-style: every rank builds the same loader, and `accelerator.prepare` shards it. rank and
+    world_size only check that each rank gets a batch. Streaming: the stream is shuffled (seed +
+    epoch) and split with split_dataset_by_node(strategy="examples"), so rank r takes every
+    world_size-th example. Every rank yields num_examples // world_size // batch_size batches.
+    The remainder (fewer than batch_size * world_size examples, a different part each epoch)
+    is dropped. "examples" rather than "shards": ranks hold equal counts (to within 1), whatever
+    the shard sizes, at the price of every rank reading the whole stream."""
+    transform = transform or pretrain_transform(cfg.input_size)
+    hf, num = load_source(cfg)
+    if num is None:
+        raise ValueError(f"The number of examples of the streamed dataset {cfg.dataset_name or cfg.data!r} "
+                         "is unknown, and every rank needs the same number of batches: set "
+                         "DataConfig.num_examples (--num-examples).")
+    if num // world_size // batch_size == 0:
+        raise ValueError(f"{num} images are too few for batch size {batch_size} on {world_size} process(es) "
+                         "(batches are full, and the incomplete last one is dropped). Lower the batch size.")
+    if cfg.streaming:
+        hf = split_dataset_by_node(hf.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer_size),
+                                   rank=rank, world_size=world_size, strategy="examples")
+        dataset = StreamingPretrainImages(hf, transform, batch_size, num // world_size // batch_size,
+                                          cfg.input_size, seed, rank, world_size, cfg.max_bad_fraction)
+        generator = torch.Generator().manual_seed(seed)
+        loader = EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
+                             generator=generator, pin_memory=pin_memory)
+    else:
+        loader = epoch_loader(PretrainImages(hf, transform, seed, cfg.max_bad_fraction), batch_size, num_workers,
+                              seed, pin_memory)
+    loader.set_epoch(epoch)
+    return loader
+
+
+def recon_images(cfg: DataConfig, n: int) -> torch.Tensor:
+    """(up to n, 3, S, S): the first n decodable images of the source, resized (short side S) and
+    centre-cropped, not augmented: the fixed batch whose reconstructions pretraining shows.
+    Unreadable images are skipped; a local folder is listed once per run (fcmae.data.listing)."""
+    if n <= 0:
+        return torch.empty(0, 3, cfg.input_size, cfg.input_size)
+    hf, _ = load_source(cfg)
+    tf = eval_transform(cfg.input_size, crop_pct=1.0)
+    images = []
+    for row in (hf.take(n * 4) if cfg.streaming else hf.select(range(min(len(hf), n * 4)))):
+        try:
+            images.append(tf(decode_rgb(row["image"])))
+        except Exception:  # noqa: BLE001 - a bad image is simply not shown
+            continue
+        if len(images) == n:
+            break
+    if not images:
+        raise ValueError(f"None of the first {n * 4} images of {cfg.dataset_name or cfg.data!r} could be decoded.")
+    return torch.stack(images)

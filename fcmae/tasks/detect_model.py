@@ -1,0 +1,167 @@
+"""Mask R-CNN (or Faster R-CNN) on a ConvNeXt encoder, built from torchvision's detection models.
+
+The backbone is the encoder's four stage outputs (strides 4, 8, 16, 32), each through its own
+LayerNorm over channels, as the official ConvNeXt detection backbone adds them (ConvNeXt,
+object_detection/mmdet/models/backbones/convnext.py, ``norm{i}``), then torchvision's
+FeaturePyramidNetwork with a max-pooled fifth level. Everything after the backbone (RPN, RoIAlign,
+box and mask heads, the loss and post-processing) is torchvision's own.
+
+Layer-wise learning-rate decay follows mmdetection's ``LearningRateDecayOptimizerConstructor``
+(``decay_type='layer_wise'``), the rule of the official ConvNeXt detection configs and of
+mmdetection's ConvNeXt-V2 project: stem 0; stage 1 -> 1; downsample 1 and stage 2 -> 2;
+downsample 2 -> 3; stage-3 block b -> 3 + b // 3; downsample 3 and stage 4 -> L; everything else
+(the extra norms, FPN, heads) -> L + 1, scale 1; scale = decay ** (L + 1 - id). L is 12 in the
+base config and 6 in the tiny one: L = 3 + ceil(stage-3 depth / 3), which gives both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import OrderedDict
+
+import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from ..models import create_model
+from ..models.layers import LayerNorm2d
+from ..training.layer_decay import exempt_from_weight_decay, layer_id, num_layers
+from ..weights import LoadReport, load_checkpoint, open_weights
+from ..weights.adapt import adapt_stem
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("0", "1", "2", "3")  # torchvision's names for the FPN levels; LastLevelMaxPool adds "pool"
+# 800 x 1333: the COCO test scale of torchvision, Detectron and the ConvNeXt detection configs
+LONG_SIDE_RATIO = 1333 / 800
+
+
+class ConvNeXtFPNBackbone(nn.Module):
+    """ConvNeXt stage outputs -> LayerNorm each -> FPN (256 channels, 5 levels).
+
+    ``forward(images (N, C, H, W))`` -> OrderedDict '0', '1', '2', '3', 'pool' of (N, 256, H/s, W/s)
+    for s = 4, 8, 16, 32, 64, as torchvision's detection models expect; H and W multiples of 32
+    (torchvision's transform pads batches to that).
+    """
+
+    def __init__(self, model_name: str, drop_path: float = 0.0, in_chans: int = 3, out_channels: int = 256):
+        super().__init__()
+        body = create_model(model_name, num_classes=0, drop_path_rate=drop_path, in_chans=in_chans)
+        if len(body.feature_info) != 4:
+            raise ValueError(f"Detection needs a hierarchical ConvNeXt with four stages (strides 4..32); "
+                             f"{model_name} has {len(body.feature_info)}. Choose a convnextv2_* or convnext_* model.")
+        body.head = nn.Identity()  # a feature extractor: no final norm, so no parameter is left without a gradient
+        self.body = body
+        dims = [f["num_chs"] for f in body.feature_info]
+        self.norms = nn.ModuleList(LayerNorm2d(d) for d in dims)
+        self.fpn = FeaturePyramidNetwork(dims, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body.forward_intermediates(x)
+        return self.fpn(OrderedDict((name, norm(f)) for name, norm, f in zip(FEATURES, self.norms, feats)))
+
+
+def build_detector(model_name: str, num_classes: int, input_size: int, masks: bool = True, drop_path: float = 0.0,
+                   in_chans: int = 3, max_size: int | None = None, image_mean=None, image_std=None,
+                   **kwargs) -> MaskRCNN | FasterRCNN:
+    """torchvision Mask R-CNN (``masks``) or Faster R-CNN on ``ConvNeXtFPNBackbone``, fresh weights.
+
+    ``num_classes`` counts the background (torchvision's convention): K object classes -> K + 1.
+    Evaluation resizes the short side to ``input_size`` with the long side at most ``max_size``
+    (default ``input_size * 1333 / 800``, the COCO convention; an LSJ recipe passes
+    ``max_size=input_size``). Training images are used as the dataset hands them over (already
+    jittered, see fcmae.data.detection), as torchvision's own references do with
+    ``_skip_resize``. ``kwargs`` go to torchvision's model (e.g. ``box_score_thresh``).
+    Anchors 32..512 over the five levels and RoIAlign over the four finest, as torchvision's
+    ``maskrcnn_resnet50_fpn`` and mmdetection's FPN configs; torchvision applies hard NMS at test time
+    where mmdetection's ConvNeXt-V2 project used soft-NMS.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and needs at least one object class; got {num_classes}.")
+    if input_size <= 0 or input_size % 32:
+        raise ValueError(f"input_size must be a positive multiple of 32 (the encoder's total stride); "
+                         f"got {input_size}.")
+    if (image_mean is None) != (image_std is None) or (image_mean is None and in_chans != 3):
+        raise ValueError(f"Give both image_mean and image_std ({in_chans} values each) for in_chans={in_chans}; "
+                         "the ImageNet defaults hold for RGB only.")
+    backbone = ConvNeXtFPNBackbone(model_name, drop_path=drop_path, in_chans=in_chans)
+    common = dict(
+        min_size=input_size, max_size=max_size or round(input_size * LONG_SIDE_RATIO),
+        image_mean=list(image_mean or IMAGENET_DEFAULT_MEAN), image_std=list(image_std or IMAGENET_DEFAULT_STD),
+        rpn_anchor_generator=AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5),
+        box_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=7, sampling_ratio=2),
+        _skip_resize=True, **kwargs)
+    if masks:
+        return MaskRCNN(backbone, num_classes,
+                        mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=2), **common)
+    return FasterRCNN(backbone, num_classes, **common)
+
+
+def load_encoder_into(detector: nn.Module, source, use_ema: bool = False, what: str = "--from-fcmae") -> LoadReport:
+    """Load a pretrained encoder (any source ``fcmae.load_checkpoint`` reads: an FCMAE run or its
+    ``encoder.safetensors``, timm / transformers / official weights, ``hf-hub:``) into the backbone.
+
+    The load is strict over the whole encoder; a source's final norm and classifier are reported
+    under ``ignored`` (a feature extractor has neither). RGB weights for a backbone built with
+    another ``in_chans`` get their stem adapted as timm's ``adapt_input_conv`` does. The FPN, the
+    extra norms and the heads stay fresh. Another architecture raises ValueError naming both.
+    """
+    body = detector.backbone.body
+    weights = open_weights(source, use_ema=use_ema)
+    state, note = adapt_stem(weights.state_dict, body.in_chans)
+    # load_checkpoint decides which head keys a source may lack, so load a complete model, then hand
+    # over everything but the head, strictly
+    dense = create_model(body.name, num_classes=0, in_chans=body.in_chans)
+    try:
+        report = load_checkpoint(dense, dataclasses.replace(weights, state_dict=state))
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}\nBuild the detector with the model the checkpoint was trained as.") from None
+    loaded = dense.state_dict()
+    body.load_state_dict({k: v for k, v in loaded.items() if not k.startswith("head.")}, strict=True)
+    if note:
+        log.info("%s: %s", what, note)
+    dropped = [k for k in loaded if k.startswith("head.") and k not in report.missing]
+    return dataclasses.replace(report, missing=[], ignored=report.ignored + dropped)
+
+
+def backbone_layer(name: str, depths, decay_type: str = "layer_wise") -> tuple[int, int]:
+    """(layer id, number of layers L) of encoder parameter ``name`` (fcmae names: ``stem.*``,
+    ``stages.i.*``); the scale is ``decay ** (L + 1 - id)``. ``layer_wise`` is the detection rule of
+    the module docstring; ``single`` numbers every block (fcmae.training.layer_decay)."""
+    if decay_type == "single":
+        return layer_id(name, depths, "single"), num_layers(depths, "single")
+    if decay_type != "layer_wise":
+        raise ValueError(f"layer_decay_type must be 'layer_wise' or 'single'; got {decay_type!r}.")
+    n = 3 + math.ceil(depths[2] / 3)
+    i = layer_id(name, depths, "group")  # the same ids with L = 12: stage 4 -> 12, after it -> 13
+    return {12: n, 13: n + 1}.get(i, i), n
+
+
+def param_groups(detector: nn.Module, weight_decay: float, layer_decay: float = 0.95,
+                 decay_type: str = "layer_wise") -> list[dict]:
+    """Optimizer groups keyed by (lr scale, decayed or not), each with ``lr_scale`` (applied by
+    ``fcmae.training.optim.set_lr``) and ``weight_decay``. Encoder parameters get the layer-wise
+    scale; the extra norms, FPN and heads get 1. 1-D parameters, biases and GRN are not decayed.
+    Frozen parameters are left out."""
+    body = detector.backbone.body
+    depths = list(body.cfg.depths)
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, p in detector.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if name.startswith("backbone.body."):
+            i, n = backbone_layer(name.removeprefix("backbone.body."), depths, decay_type)
+            scale = layer_decay ** (n + 1 - i)
+        exempt = exempt_from_weight_decay(name, p)
+        key = (scale, exempt)
+        if key not in groups:
+            groups[key] = {"params": [], "lr_scale": scale, "weight_decay": 0.0 if exempt else weight_decay}
+        groups[key]["params"].append(p)
+    return list(groups.values())

@@ -1,0 +1,62 @@
+"""The package's structure stays as declared: the import layers (import-linter contracts in
+pyproject.toml), no import cycle, task loops that read top to bottom, and comments that cite
+only what a reader of the repository can follow."""
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "fcmae"
+
+
+def test_import_layers_hold():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert exe, "import-linter is a dev dependency: pip install -e '.[dev]'"
+    proc = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "0 broken" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_no_import_cycle():
+    graph = grimp.build_graph("fcmae")
+    modules = sorted(graph.modules)
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in modules}
+    state, cycles = {}, []
+
+    def visit(m, path):  # depth-first search; a back edge closes a cycle
+        state[m] = "open"
+        for n in sorted(edges[m]):
+            if state.get(n) == "open":
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in modules:
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles[:5]
+
+
+def _function(path: Path, name: str) -> ast.FunctionDef:
+    return next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_task_loops_are_short():
+    for file, name in (("pretrain.py", "pretrain"), ("classify.py", "finetune"), ("segment.py", "segment"),
+                       ("detect.py", "detect")):
+        fn = _function(PKG / "tasks" / file, name)
+        assert fn.end_lineno - fn.lineno + 1 <= 80, f"{file}:{name} is {fn.end_lineno - fn.lineno + 1} lines"
+
+
+def test_sources_cite_nothing_a_reader_cannot_see():
+    pattern = re.compile(r"REFERENCE\.md|shared/(REFERENCE|DESIGN|STYLE)|\b[Ii]ssue \d+\b")
+    files = [p for d in ("fcmae", "finetune", "tests", "benchmarks", "configs") for p in (ROOT / d).rglob("*")
+             if p.suffix in (".py", ".yaml", ".sh") and p.name != "test_layout.py"] + [ROOT / "README.md"]
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits[:10]
