@@ -2,8 +2,9 @@
 # Install MinkowskiEngine 0.5.4 (CPU-only), the optional `minkowski` sparse backend, into the
 # ACTIVE Python environment (activate the venv first; it must already hold the project and torch).
 # Works from a brand-new `python3 -m venv`. The source build takes ~6.5 minutes on an idle 2-core
-# machine and 8.5-16 minutes on a busy one, so the wheel is cached outside the repository, keyed by
-# torch version, C++ ABI, Python tag and platform, and later runs only `pip install` it (~10 s):
+# machine (about 14 CPU-minutes) and 8.5-33 minutes on a shared one (33 min measured at load 6-11),
+# so the wheel is cached outside the repository, keyed by torch version, C++ ABI, Python tag and
+# platform, and later runs only `pip install` it (~15 s):
 #   ${FCMAE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fcmae/wheels}/minkowskiengine-0.5.4/torch-<ver>-cxx11abi<0|1>-cp<XY>-<platform>/
 # Exits non-zero when it cannot install a working MinkowskiEngine (.ci/run then fails).
 #
@@ -20,9 +21,9 @@
 #     ignored for project MinkowskiEngine"): the metadata step fails;
 #   * without `wheel` it uses setuptools' PEP 517 backend, which passes them to the metadata step
 #     only with setuptools >= 84 (setuptools 65, what the venv ships, leaves them out).
-#   pip 26 (26.2.1 tested) always uses the PEP 517 backend; with setuptools >= 84 (84.2.1 tested)
-#   the metadata and build steps both receive the settings. The cached-wheel path needs none of
-#   this (nor a compiler): any pip installs a wheel.
+#   pip 26 (26.2.1, 26.3 tested) always uses the PEP 517 backend; with setuptools >= 84 (84.2.1
+#   tested) the metadata and build steps both receive the settings. The cached-wheel path needs
+#   none of this (nor a compiler): any pip, 23.2.1 included, installs a wheel.
 # - ninja: torch's extension builder compiles in parallel with it (MAX_JOBS jobs, default 2 here).
 # - setup.py runs `pip uninstall MinkowskiEngine -y` itself; harmless, we install right after.
 # - No source patch is needed for torch 2.14.1 (C++20, gcc 12.2): the CPU build compiles as is.
@@ -90,7 +91,7 @@ if ls "$CACHE_DIR"/*.whl >/dev/null 2>&1; then
     rm -f "$CACHE_DIR"/*.whl
 fi
 
-log "no cached wheel for $KEY; building MinkowskiEngine $ME_VERSION from source (6.5-16 min on 2 cores)"
+log "no cached wheel for $KEY; building MinkowskiEngine $ME_VERSION from source (6.5-33 min on 2 cores)"
 
 # --- build dependencies ---
 any_exists() { local f; for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
