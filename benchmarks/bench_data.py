@@ -25,7 +25,7 @@ from common import machine, pyplot  # noqa: E402
 
 
 def measure(cfg, batch_size: int, workers: int, batches: int) -> float:
-    from fcmae.data.sources import build_pretrain_loader
+    from fcmae.data import build_pretrain_loader
 
     loader = build_pretrain_loader(cfg, batch_size, num_workers=workers, seed=0)
     seen, epoch, t0 = 0, 0, None
@@ -50,7 +50,7 @@ def synthetic_folder(n: int) -> str:
 
     from PIL import Image
 
-    from fcmae.data.sources import DEMO_DIR
+    from fcmae.data import DEMO_DIR
 
     photos = [Image.open(p).convert("RGB") for p in sorted(DEMO_DIR.glob("*.jpg"))]
     folder = Path(tempfile.mkdtemp(prefix="fcmae_bench_data_"))
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--step-results", default=None, help="a bench_pretrain.py JSON: recommend --num-workers for each row")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_loading_cpu.json"))
     args = p.parse_args()
-    from fcmae.data.sources import DataConfig
+    from fcmae.data import DataConfig
 
 
     data = args.data or synthetic_folder(512)

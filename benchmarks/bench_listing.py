@@ -3,7 +3,7 @@ first batch (build_pretrain_loader + next(iter(loader)), num_workers 0), for N t
 class folders. Fits time = a + b * N and extrapolates to ImageNet-1K (1,281,167 files). Prints a
 table, saves JSON and a PNG plot.
 
-    python benchmarks/bench_listing.py                                   # 10k, 50k, 100k, 200k files
+    python benchmarks/bench_listing.py --old-sizes 10000 50000           # 10k, 50k, 100k, 200k files
     python benchmarks/bench_listing.py --sizes 1000 5000 --old-sizes 1000  # smaller; and the old listing
 
 One folder grows from size to size (files are added, never rewritten). Each measurement starts with
@@ -48,7 +48,7 @@ def grow(folder: Path, n: int, classes: int) -> None:
 def time_listing(folder: Path) -> tuple[float, int]:
     from fcmae.data import listing
 
-    listing._CACHE.clear()
+    listing.clear_cache()
     t0 = time.perf_counter()
     files = listing.list_files(str(folder))
     return time.perf_counter() - t0, sum(map(len, files.values()))
@@ -57,7 +57,7 @@ def time_listing(folder: Path) -> tuple[float, int]:
 def time_first_batch(folder: Path, batch_size: int, input_size: int) -> float:
     from fcmae.data import DataConfig, build_pretrain_loader, listing
 
-    listing._CACHE.clear()
+    listing.clear_cache()
     t0 = time.perf_counter()
     loader = build_pretrain_loader(DataConfig(data=str(folder), input_size=input_size), batch_size, num_workers=0)
     images, ok = next(iter(loader))
@@ -91,8 +91,8 @@ def plot(rows, fits, path: Path, device: str) -> None:
     ns = [r["files"] for r in rows]
     for key, label in (("first_batch_s", "build_pretrain_loader + first batch"), ("listing_s", "listing alone")):
         a, b = fits[key]
-        ax.plot(ns, [r[key] for r in rows], "o", label=label)
-        ax.plot(ns, [a + b * n for n in ns], "-", alpha=0.5)
+        (points,) = ax.plot(ns, [r[key] for r in rows], "o", label=label)
+        ax.plot(ns, [a + b * n for n in ns], "-", alpha=0.5, color=points.get_color())
     old = [r for r in rows if r.get("old_listing_s") is not None]
     if old:
         ax.plot([r["files"] for r in old], [r["old_listing_s"] for r in old], "x", label="old listing (datasets' glob)")
@@ -127,8 +127,8 @@ def main() -> None:
             first = time_first_batch(folder, args.batch_size, args.input_size)
             old = time_old_listing(folder) if n in args.old_sizes else None
             rows.append(dict(files=n, write_s=written, listing_s=listing_s, first_batch_s=first, old_listing_s=old))
-            print(f"{n:8d} {written:8.1f} {listing_s:10.2f} {first:14.2f} {old if old is not None else float('nan'):14.1f}",
-                  flush=True)
+            old_text = f"{old:14.1f}" if old is not None else f"{'-':>14s}"
+            print(f"{n:8d} {written:8.1f} {listing_s:10.2f} {first:14.2f} {old_text}", flush=True)
     finally:
         if not args.folder:
             shutil.rmtree(folder.parent, ignore_errors=True)

@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_suite.sh dense      # dense fine-tuning/inference step against timm
 #   bash benchmarks/gpu_suite.sh data       # decode + augment img/s per worker, workers each step needs
 #   bash benchmarks/gpu_suite.sh loop       # whole pretraining loop against the bare step, by --num-workers
+#   bash benchmarks/gpu_suite.sh segment    # UperNet segmentation training step, base and large at 512, bf16
 #   bash benchmarks/gpu_suite.sh all
 #
 # Results land in benchmarks/results/*_cuda*.json (+ .png), each with the machine it ran on.
@@ -42,4 +43,8 @@ fi
 if [[ $stage == loop || $stage == all ]]; then
   run $PY benchmarks/bench_loop.py --model convnextv2_base --batch-size 128 --mixed-precision bf16 --channels-last \
     --compile --workers 4 8 12 --steps 150 --log-every 50 --num-images 8192 --out $R/pretrain_loop_cuda.json
+fi
+if [[ $stage == segment || $stage == all ]]; then
+  run $PY benchmarks/bench_segment.py --models convnextv2_base convnextv2_large --size 512 --precisions bf16 \
+    --batch-sizes 2 8 --channels-last --warmup 3 --iters 10 --out $R/segment_step_cuda.json
 fi

@@ -393,7 +393,7 @@ def test_two_processes_count_each_val_sample_once(shapes, pretrain_run, tmp_path
 
 
 def test_eval_transform_crops_below_384_and_warps_from_384():
-    from fcmae.data.labelled import eval_transform
+    from fcmae.data import eval_transform
 
     img = Image.new("RGB", (200, 100), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 50, 100))  # the left quarter red, the rest blue
@@ -449,7 +449,7 @@ def test_flags_and_bad_arguments():
 
 
 def test_hub_dataset_offline_fails_fast_with_a_hint(tmp_path):
-    from fcmae.data.labelled import load_labelled
+    from fcmae.data import load_labelled
 
     cfg = FinetuneConfig(dataset_name="someone/not-cached-anywhere", label_column="label")
     with pytest.raises(RuntimeError, match="Offline mode"):

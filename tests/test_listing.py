@@ -1,6 +1,7 @@
 """Local listing: links to folders and files followed, link loops caught, hidden files skipped, splits
 and class names as datasets' imagefolder gives them, one listing per run; and the entry points on
 linked folders. Expected values are the files each test lays out, or datasets' own imagefolder."""
+import json
 import os
 import time
 from types import SimpleNamespace
@@ -154,8 +155,9 @@ def test_finetune_runs_on_linked_val_and_class_folders(tmp_path):
     run_cli([ROOT / "finetune" / "run.py", "--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4",
              "--num-workers", "0", "--report-to", "none", "--epochs", "1", "--warmup-epochs", "0",
              "--data", data, "--output-dir", out])
-    assert (out / "labels.txt").read_text().split() == ["circle", "square"]
-    assert "val_samples" in (out / "log.jsonl").read_text()
+    assert (out / "labels.txt").read_text().split() == ["circle", "square"]  # the link names
+    (row,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert row["val_samples"] == 4  # every image of the linked val/ was evaluated
 
 
 def test_pretrain_runs_on_linked_class_folders(tmp_path):

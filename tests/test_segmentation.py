@@ -170,12 +170,18 @@ def test_layer_decay_by_hand_for_atto(atto):
         assert stage[id(names[name])] == pytest.approx(scale), name
 
 
-def test_poly_schedule_by_hand():
-    assert sm.poly_lr(0, 1000, 100, 1.0) == pytest.approx(1e-6)
-    assert sm.poly_lr(50, 1000, 100, 1.0) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
-    assert sm.poly_lr(100, 1000, 100, 1.0) == pytest.approx(1.0)
-    assert sm.poly_lr(550, 1000, 100, 1.0) == pytest.approx(0.5)
-    assert sm.poly_lr(1000, 1000, 100, 1.0) == 0.0
+def test_segmentation_schedule_is_mmseg_poly_by_hand():
+    """The core's schedule with kind='poly' (mmseg's LinearLR warmup then PolyLR, power 1, eta_min 0),
+    here from 0 rather than mmseg's lr x 1e-6: at most 1e-6 of the lr apart during the warmup."""
+    from fcmae.training.optim import lr_at
+
+    assert lr_at(0, 1000, 100, 1.0, kind="poly") == 0.0
+    assert lr_at(50, 1000, 100, 1.0, kind="poly") == pytest.approx(0.5)
+    assert lr_at(100, 1000, 100, 1.0, kind="poly") == pytest.approx(1.0)
+    assert lr_at(550, 1000, 100, 1.0, kind="poly") == pytest.approx(0.5)
+    assert lr_at(1000, 1000, 100, 1.0, kind="poly") == 0.0
+    for step in (0, 37, 99):  # mmseg's LinearLR(start_factor=1e-6) over 100 iterations
+        assert abs(lr_at(step, 1000, 100, 1.0, kind="poly") - (1e-6 + (1 - 1e-6) * step / 100)) <= 1e-6
 
 
 # ----------------------------------------------------------------------------- inference and metrics
@@ -280,6 +286,51 @@ def test_segmenter_checkpoint_round_trip(atto, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(net(pixel_values=x).logits, atto(pixel_values=x).logits)
+    assert sm.load_segmenter(tmp_path)[1]["model"] == "convnextv2_atto"  # a run directory: its best.safetensors
+    assert sm.is_segmenter(tmp_path) and sm.is_segmenter(tmp_path / "best.safetensors")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "fcmae-classifier"})
+    assert not any(sm.is_segmenter(s) for s in (tmp_path / "other.safetensors", tmp_path / "nothing", "hf-hub:a/b"))
+    with pytest.raises(ValueError, match="not a fine-tuned fcmae segmenter"):
+        sm.load_segmenter(tmp_path / "other.safetensors")
+
+
+def test_export_segmenter_writes_only_into_an_export_folder(atto, tmp_path):
+    from safetensors.torch import save_file
+
+    meta = sm.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=51.234, step=7)
+    save_file(atto.state_dict(), str(tmp_path / "best.safetensors"), metadata=meta)
+    out = sm.export_segmenter(tmp_path, tmp_path / "hub", repo_id="me/seg", datasets=["me/data"])
+    card = (out / "README.md").read_text()
+    assert "mIoU 51.23 (step 7" in card and 'from_pretrained("me/seg")' in card and "datasets: [me/data]" in card
+    assert sorted(p.name for p in out.iterdir()) == sorted(sm.EXPORT_FILES)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        sm.export_segmenter(tmp_path, out)
+    sm.export_segmenter(tmp_path, out, overwrite=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        sm.export_segmenter(tmp_path, out, overwrite=True)
+    with pytest.raises(ValueError, match="own directory"):
+        sm.export_segmenter(tmp_path / "best.safetensors", tmp_path)
+    assert sm.is_segmenter_export(["export", "--out", "x", "--checkpoint", str(tmp_path)])
+    assert sm.is_segmenter_export(["export", f"--checkpoint={tmp_path / 'best.safetensors'}", "--out", "x"])
+    assert not sm.is_segmenter_export(["export", "--checkpoint", str(out / "model.safetensors"), "--out", "x"])
+    assert not sm.is_segmenter_export(["push", "--folder", str(tmp_path), "--repo-id", "a/b"])
+
+
+def test_push_to_hub_exports_the_best_segmenter(atto, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from fcmae.tasks import segment
+
+    save_file(atto.state_dict(), str(tmp_path / "best.safetensors"),
+              metadata=sm.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=40.0, step=3))
+    pushed = []
+    monkeypatch.setattr(segment, "push", lambda folder, repo, private: pushed.append((folder, repo, private)) or "url")
+    cfg = SimpleNamespace(push_to_hub="me/seg", hub_private=True, dataset_name="me/ade")
+    segment.publish(SimpleNamespace(cfg=cfg, out=tmp_path, is_main=True, say=print))
+    assert pushed == [(tmp_path / "hub", "me/seg", True)]
+    assert "datasets: [me/ade]" in (tmp_path / "hub" / "README.md").read_text()
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -375,6 +426,21 @@ def test_label_errors_are_named_and_one_line(ade):
         ds[1]
 
 
+def test_check_labels_finds_a_bad_map_without_training(ade, tmp_path):
+    val = seg.SegmentationImages(seg.load_split(str(ade), "validation"), 3, 64, train=False)
+    val.check_labels()  # all good
+    bad = np.zeros(SIZES[7], np.uint8)
+    bad[3, 4] = 200
+    Image.fromarray(bad).save(ade / "annotations" / "validation" / "ADE_0007.png")
+    val.check_labels([0])  # only the rows asked for
+    with pytest.raises(seg.LabelMapError, match="ADE_0007.png: label value 200"):
+        val.check_labels()
+    assert seg.header_size(str(ade / "images" / "validation" / "ADE_0006.jpg")) == SIZES[6][::-1]
+    (tmp_path / "broken.jpg").write_bytes(b"no image")
+    assert seg.header_size(str(tmp_path / "broken.jpg")) is None
+    assert seg.header_size({"bytes": _png(bad), "path": None}) == SIZES[7][::-1]
+
+
 def test_parquet_with_named_columns_gives_the_folder_samples(ade, tmp_path):
     import datasets
 
@@ -427,6 +493,27 @@ def test_save_prediction_writes_palette_and_overlay(tmp_path):
     np.testing.assert_allclose(overlay[0, 0], np.round(0.5 * 100 + 0.5 * pal[0]), atol=1)
 
 
+def test_segment_config_defaults_are_the_ade20k_recipe_and_errors_name_the_flag():
+    from fcmae.tasks.segment import SegmentConfig
+    from fcmae.training.config import parse_args
+
+    cfg = parse_args(SegmentConfig, ["--data", "d"])
+    cfg.validate()
+    assert (cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type) == \
+        (1e-4, 0.9, 0.999, 0.05, 0.9, "stage")
+    assert (cfg.max_steps, cfg.batch_size, cfg.input_size, cfg.head_channels, cfg.aux_weight, cfg.num_classes) == \
+        (160000, 2, 512, 512, 0.4, 150)
+    assert (cfg.eval_mode, cfg.eval_every, cfg.mixed_precision) == ("slide", 16000, "bf16")
+    for argv, flag in ((["--model", "convnextv2_atto"], "--data"),
+                       (["--data", "d", "--eval-mode", "ms"], "--eval-mode"),
+                       (["--data", "d", "--num-classes", "300"], "--num-classes"),
+                       (["--data", "d", "--layer-decay-type", "block"], "--layer-decay-type"),
+                       (["--data", "d", "--in-chans", "4", "--mean", "0,0,0,0", "--std", "1,1,1,1"], "--in-chans"),
+                       (["--data", "d", "--eval-only"], "--checkpoint")):
+        with pytest.raises(ValueError, match=flag):
+            parse_args(SegmentConfig, argv).validate()
+
+
 @pytest.mark.parametrize("size", ["tiny", "base", "large"])
 def test_ade20k_presets(size):
     path = Path(__file__).resolve().parents[1] / "configs" / "segment" / f"convnextv2_{size}_ade20k_512.yaml"
@@ -439,3 +526,9 @@ def test_ade20k_presets(size):
         (1e-4, 0.05, 0.9, 1500, 160000)
     assert all(line.split("#")[1].strip().startswith(("published", "reasoned"))
                for line in path.read_text().splitlines() if line and not line.startswith(("#", "model:")))
+    from fcmae.tasks.segment import SegmentConfig
+    from fcmae.training.config import parse_args
+
+    parsed = parse_args(SegmentConfig, ["--config", str(path), "--data", "ADEChallengeData2016"])
+    parsed.validate()
+    assert parsed.model == cfg["model"] and parsed.drop_path == cfg["drop_path"]

@@ -5,9 +5,14 @@ Values: integer types are scaled to [0, 1] by the range of their dtype (uint8 / 
 int16 from [-32768, 32767], bool 0/1), so the same statistics and the same normalisation serve 8-bit
 and 16-bit sensors; floats are kept as they are (reflectances, dB, indices...), in float32.
 
-Augmentation: only geometric operations and a per-channel normalisation. Colour operations
-(RandAugment, colour jitter, grayscale) assume three RGB channels in [0, 255]; on other bands they
-mean nothing, so they are never applied to arrays, whatever the channel count.
+Augmentation: only geometric operations, random erasing and a per-channel normalisation. Colour
+operations (RandAugment, colour jitter, grayscale) assume three RGB channels in [0, 255]; on other
+bands they mean nothing, so they are never applied to arrays, whatever the channel count.
+
+Which reader a sample gets (`Reader`): a .npy file always goes to `read_array`; in a run of
+in_chans != 3 every file does (a .tif/.tiff is read band by band, an RGB image is a wrong-count file);
+in an RGB run other files are RGB images (fcmae.data.decode), and a TIFF that PIL cannot read
+(16-bit or float bands) is read as an array of 3 channels.
 """
 from __future__ import annotations
 
@@ -20,7 +25,10 @@ import numpy as np
 import tifffile
 import torch
 from datasets.utils.file_utils import xopen
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
+
+from .decode import decode_rgb, path_of
 
 ARRAY_EXTENSIONS = (".npy", ".tif", ".tiff")
 CHANNEL_AXES = ("last", "first")
@@ -62,6 +70,43 @@ def read_array(value, channel_axis: str = "last", expected_channels: int | None 
         raise ValueError(f"{name}: {array.shape[-1]} channels (shape {array.shape[:2]} x {array.shape[-1]} after "
                          f"channel_axis={channel_axis!r}), expected {expected_channels}.")
     return scale_to_unit(array, name)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """``reader(value)``: the sample as a PIL RGB image or a float32 (H, W, N) array (see the module
+    docstring); raises ValueError / OSError for an unreadable file or a wrong channel count, which the
+    datasets count as bad. ``stand_in(size, mean)``: the sample a fully unreadable batch gets, the
+    mean in every pixel (zero after normalisation)."""
+    in_chans: int = 3
+    channel_axis: str = "last"
+
+    @property
+    def arrays(self) -> bool:
+        return self.in_chans != 3
+
+    def __call__(self, value):
+        name = (path_of(value) or "").lower()
+        if self.arrays or name.endswith(".npy") or _has_npy_magic(value):
+            return read_array(value, self.channel_axis, self.in_chans)
+        try:
+            return decode_rgb(value)
+        except Exception:  # noqa: BLE001 - PIL reads 8-bit TIFFs only; tifffile reads 16-bit and float bands
+            if not name.endswith((".tif", ".tiff")):
+                raise
+            return read_array(value, self.channel_axis, self.in_chans)
+
+    def stand_in(self, size: int, mean):
+        if not self.arrays:
+            from PIL import Image
+
+            return Image.new("RGB", (size, size), tuple(round(255 * m) for m in mean))
+        return np.broadcast_to(np.asarray(mean, np.float32), (size, size, self.in_chans)).copy()
+
+
+def _has_npy_magic(value) -> bool:
+    data = value.get("bytes") if isinstance(value, dict) else value
+    return isinstance(data, (bytes, bytearray)) and bytes(data[:6]) == _NPY_MAGIC
 
 
 def _read_bytes(value) -> tuple[bytes, str]:
@@ -148,19 +193,22 @@ class ChannelNormalize(transforms.Normalize):
         return super().forward(x)
 
 
-def array_train_transform(input_size: int, mean, std):
+def array_train_transform(input_size: int, mean, std, scale=(0.2, 1.0), reprob: float = 0.0):
     """RandomResizedCrop(scale 0.2..1, bicubic, antialiased) + horizontal flip + per-channel
     normalisation: FCMAE's pretraining augmentation (ConvNeXt V2, official main_pretrain.py) without
     the colour space. Input (H, W, N) array or (N, H, W) tensor; output (N, S, S) float32.
+    For fine-tuning: scale (0.08, 1) as timm's RandomResizedCrop, and ``reprob`` > 0 adds timm's
+    RandomErasing (per-pixel normal noise, in normalised units: it needs no colour space).
 
     Random draws come from torch's global generator, as in torchvision: the loaders call the transform
     inside their per-sample seeded context (seed, epoch, index), which makes it reproducible."""
     return transforms.Compose([
         ToChannelsFirst(),
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), antialias=True,
+        transforms.RandomResizedCrop(input_size, scale=tuple(scale), antialias=True,
                                      interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         ChannelNormalize(mean, std),
+        *([RandomErasing(reprob, mode="pixel", device="cpu")] if reprob > 0 else []),
     ])
 
 
@@ -184,8 +232,6 @@ def read_any(path, channel_axis: str = "last", expected_channels: int | None = N
     other images as RGB through fcmae.data.decode_rgb, divided by 255."""
     if os.fspath(path).lower().endswith(ARRAY_EXTENSIONS):
         return read_array(path, channel_axis, expected_channels)
-    from . import decode_rgb  # at call time: fcmae.data imports this module
-
     try:
         array = np.asarray(decode_rgb(path))
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...

@@ -181,6 +181,33 @@ def _valid_segmentation(segm):
     return None
 
 
+def training_targets(coco: dict, cat_to_label: dict[int, int], masks: bool) -> tuple[list, Counter]:
+    """Per image (in ``coco['images']`` order): (boxes xyxy clipped, labels, mask sources), and the
+    count of annotations left out: ``crowd``, ``degenerate`` (under MIN_BOX after clipping) and
+    ``without_mask`` (``masks`` and no usable segmentation)."""
+    by_image = {im["id"]: [] for im in coco["images"]}
+    for a in coco["annotations"]:
+        by_image[a["image_id"]].append(a)
+    targets, dropped = [], Counter()
+    for im in coco["images"]:
+        h, w = im["height"], im["width"]
+        boxes, labels, segms = [], [], []
+        for a in by_image[im["id"]]:
+            x, y, bw, bh = a["bbox"]
+            x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
+            segm = _valid_segmentation(a.get("segmentation")) if masks else None
+            reason = ("crowd" if a.get("iscrowd", 0) else "degenerate" if x2 - x1 < MIN_BOX or y2 - y1 < MIN_BOX
+                      else "without_mask" if masks and segm is None else None)
+            if reason:
+                dropped[reason] += 1
+                continue
+            boxes.append([x1, y1, x2, y2])
+            labels.append(cat_to_label[a["category_id"]])
+            segms.append(segm)
+        targets.append((boxes, labels, segms))
+    return targets, dropped
+
+
 # ----------------------------------------------------------------------------- dataset
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -214,33 +241,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if masks and coco["annotations"] and not any(a.get("segmentation") for a in coco["annotations"]):
             raise ValueError("The annotations have no 'segmentation': train a box-only detector "
                              "(masks=False, --no-masks).")
-        self.dropped: Counter = Counter()
-        by_image = {im["id"]: [] for im in self.images}
-        cat_to_label = self.categories.cat_to_label
-        for a in coco["annotations"]:
-            by_image[a["image_id"]].append(a)
-        self.targets = []
-        sizes = {im["id"]: (im["height"], im["width"]) for im in self.images}
-        for im in self.images:
-            h, w = sizes[im["id"]]
-            boxes, labels, segms = [], [], []
-            for a in by_image[im["id"]]:
-                if a.get("iscrowd", 0):
-                    self.dropped["crowd"] += 1
-                    continue
-                x, y, bw, bh = a["bbox"]
-                x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
-                if x2 - x1 < MIN_BOX or y2 - y1 < MIN_BOX:
-                    self.dropped["degenerate"] += 1
-                    continue
-                segm = _valid_segmentation(a.get("segmentation")) if masks else None
-                if masks and segm is None:
-                    self.dropped["without_mask"] += 1
-                    continue
-                boxes.append([x1, y1, x2, y2])
-                labels.append(cat_to_label[a["category_id"]])
-                segms.append(segm)
-            self.targets.append((boxes, labels, segms))
+        self.targets, self.dropped = training_targets(coco, self.categories.cat_to_label, masks)
         if self.dropped:
             log.info("detection data: left out of training targets: %s", dict(self.dropped))
 

@@ -45,9 +45,8 @@ def load_splits(cfg, with_train: bool = True) -> tuple[datasets.Dataset | None, 
                              "give every split as image folders, or every split as parquet/arrow files.")
         files = {split: split_files for split, (_, split_files) in found.items()}
         if builders[0] == "imagefolder":  # classes named from the folders of both splits, as datasets does
-            labelled = class_labels(files)
-            both = {split: folder_dataset(fs, *((labelled[1][split], labelled[0]) if labelled else ()))
-                    for split, fs in files.items()}
+            names, labels = class_labels(files) or (None, {})  # None: no labels (one folder, or mixed depths)
+            both = {split: folder_dataset(fs, labels.get(split), names) for split, fs in files.items()}
         else:
             both = datasets.load_dataset(builders[0], data_files=files)
         return both[splits[0]] if with_train else None, both[splits[1]], source

@@ -19,9 +19,9 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
 from .decode import decode_rgb, path_of
-from .transforms import IMAGENET_DEFAULT_MEAN
 
 MIN_SEEN, ALL_BAD_AFTER, MAX_NAMED = 100, 20, 20
 

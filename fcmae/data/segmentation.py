@@ -119,6 +119,19 @@ def check_same_size(image_path: str, label_path: str) -> None:
                                 f"{im.size[0]}x{im.size[1]}: a label map must have its image's size.")
 
 
+def header_size(value) -> tuple[int, int] | None:
+    """(width, height) from an image's header ({'bytes', 'path'} dict or path), None if unreadable."""
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
+    try:
+        if data is None:
+            with xopen(path, "rb") as f, Image.open(f) as im:
+                return im.size
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError...: decoding will say
+        return None
+
+
 def _image_and_label(ds, image_column, label_column, source) -> datasets.Dataset:
     columns = list(ds.features)
     typed = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
@@ -269,27 +282,34 @@ class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
     def __len__(self):
         return len(self.hf)
 
-    def label(self, index: int, image: Image.Image | None) -> np.ndarray:
-        """Row ``index``'s label map, checked against its image (when there is one)."""
+    def label(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Row ``index``'s label map, checked against its image's (width, height) when given."""
         row = self.hf[index]
         where = path_of(row["label"]) or f"{self.source} row {index}"
         label = decode_label(row["label"], self.num_classes, self.reduce_zero_label, where)
-        if image is not None and image.size != label.shape[::-1]:
+        if size is not None and tuple(size) != label.shape[::-1]:
             raise LabelMapError(f"{where} is {label.shape[1]}x{label.shape[0]} but its image "
-                                f"{path_of(row['image']) or ''} is {image.size[0]}x{image.size[1]}: a label "
+                                f"{path_of(row['image']) or ''} is {size[0]}x{size[1]}: a label "
                                 "map must have its image's size.")
         return label
+
+    def check_labels(self, indices=None) -> None:
+        """Decode the label maps of rows ``indices`` (default: all) and compare each with its image's
+        size from the file header: a bad one raises ``LabelMapError`` now, naming its file, rather than
+        at the first evaluation hours into training. An unreadable image is left to the loop."""
+        for index in range(len(self)) if indices is None else indices:
+            self.label(index, header_size(self.hf[index]["image"]))
 
     def __getitem__(self, key):
         index, epoch = self.key(key)
         if not self.train:  # an unreadable image scores nothing; a stand-in would change the metric
             image, _, ok = self.read(index, stand_in=False)
-            label = torch.from_numpy(self.label(index, image)).long()
+            label = torch.from_numpy(self.label(index, image.size if image else None)).long()
             if image is None:
                 return torch.zeros(3, self.input_size, self.input_size), torch.full_like(label, IGNORE_INDEX), False
             return eval_transform(np.asarray(image), self.input_size), label, True
         image, source_index, ok = self.read(index)  # unreadable: the next readable row stands in
-        label = self.label(source_index, image)
+        label = self.label(source_index, image.size)
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
         return (*train_transform(np.asarray(image), label, self.input_size, rng), ok)
 

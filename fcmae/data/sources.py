@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Features
 from datasets import Image as ImageFeature
+from datasets.table import InMemoryTable
 
 from .listing import TABLE_EXTENSIONS, local_files
 
@@ -77,10 +78,13 @@ def folder_dataset(files: list[str], labels: list[int] | None = None,
                    names: list[str] | None = None) -> datasets.Dataset:
     """What datasets' imagefolder builder gives for these files, built in memory (no cache files):
     'image' {'bytes': None, 'path'} and, with labels, 'label' as a ClassLabel of ``names``."""
-    columns, features = {"image": list(files)}, {"image": ImageFeature(decode=False)}
+    paths = pa.array(list(files), pa.string())  # the arrow layout of Image: struct<bytes, path>
+    columns = {"image": pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), paths], ["bytes", "path"])}
+    features = {"image": ImageFeature(decode=False)}
     if labels is not None:
-        columns["label"], features["label"] = list(labels), ClassLabel(names=list(names))
-    return datasets.Dataset.from_dict(columns).cast(Features(features))  # paths -> {'bytes': None, 'path'}
+        columns["label"], features["label"] = pa.array(list(labels), pa.int64()), ClassLabel(names=list(names))
+    # built as arrow columns: from_dict + cast would encode 1.28M paths one by one in Python
+    return datasets.Dataset(InMemoryTable(pa.table(columns)), info=datasets.DatasetInfo(features=Features(features)))
 
 
 def count_rows(builder: str, files: list[str]) -> int:

@@ -1,18 +1,57 @@
 """Image transforms: FCMAE pretraining, timm's fine-tuning recipe, and evaluation. Inputs are RGB
-PIL images (fcmae.data.decode.to_rgb), outputs normalised float tensors (3, S, S)."""
+PIL images (fcmae.data.decode.to_rgb), outputs normalised float tensors (3, S, S); ``mean``/``std``
+default to ImageNet's. `by_input` pairs each with its array version (fcmae.data.arrays) for
+N-channel samples: the same geometry, no colour operations."""
 from __future__ import annotations
 
+import numpy as np
+import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
+from .arrays import array_eval_transform, array_train_transform
+
 EVAL_CROP_PCT = 0.875  # below 384 px: resize to size / 0.875, centre crop (ConvNeXt V2's official evaluation)
 _BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
-def pretrain_transform(input_size: int = 224):
-    """FCMAE augmentation: RandomResizedCrop(scale 0.2..1, bicubic), flip, ImageNet normalisation."""
+class ByInput:
+    """``image_tf`` for a PIL image, ``array_tf`` for an (H, W, N) array or a tensor: one run may
+    mix RGB files and 3-channel .npy arrays (fcmae.data.arrays.Reader says which each sample is)."""
+
+    def __init__(self, image_tf, array_tf):
+        self.image_tf, self.array_tf = image_tf, array_tf
+
+    def __call__(self, x):
+        return self.array_tf(x) if isinstance(x, (np.ndarray, torch.Tensor)) else self.image_tf(x)
+
+    def __repr__(self):
+        return f"ByInput(image={self.image_tf!r}, array={self.array_tf!r})"
+
+
+def by_input(kind: str, input_size: int, mean=None, std=None, **kwargs) -> ByInput:
+    """The 'pretrain', 'train' (kwargs: aa, reprob, color_jitter) or 'eval' (kwargs: crop_pct)
+    transform of images and of arrays. Arrays get RandomResizedCrop (pretraining's scale 0.2..1,
+    timm's 0.08..1 for fine-tuning), flip and RandomErasing (``reprob``); never RandAugment or
+    colour jitter, which assume RGB."""
+    mean, std = list(mean or IMAGENET_DEFAULT_MEAN), list(std or IMAGENET_DEFAULT_STD)
+    if kind == "pretrain":
+        return ByInput(pretrain_transform(input_size, mean, std), array_train_transform(input_size, mean, std))
+    if kind == "train":
+        image = train_transform(input_size, kwargs["aa"], kwargs["reprob"], color_jitter=kwargs.get("color_jitter"),
+                                mean=mean, std=std)
+        return ByInput(image, array_train_transform(input_size, mean, std, (0.08, 1.0), kwargs["reprob"]))
+    if kind == "eval":
+        crop_pct = kwargs.get("crop_pct")
+        return ByInput(eval_transform(input_size, crop_pct, mean, std),
+                       array_eval_transform(input_size, mean, std, crop_pct))
+    raise ValueError(f"kind must be pretrain, train or eval; got {kind!r}.")
+
+
+def pretrain_transform(input_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """FCMAE augmentation: RandomResizedCrop(scale 0.2..1, bicubic), flip, normalisation."""
     if input_size <= 0 or input_size % 32:
         raise ValueError(f"input_size must be a positive multiple of 32 (the encoder's total stride "
                          f"and the mask patch size), got {input_size}.")
@@ -20,33 +59,33 @@ def pretrain_transform(input_size: int = 224):
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=_BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
 def train_transform(input_size: int, aa: str | None, reprob: float, remode: str = "pixel", recount: int = 1,
-                    color_jitter: float | None = 0.4):
+                    color_jitter: float | None = 0.4, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """timm's ImageNet training transform: RandomResizedCrop (bicubic), flip, RandAugment ``aa``,
     normalisation, RandomErasing (probability ``reprob``, per-pixel noise). ``color_jitter`` applies
     only without ``aa`` (timm switches it off under RandAugment, as the official recipe expects).
     Posterize keeping 0 bits gives a black image, as it always did (see `posterize`)."""
     tf = create_transform(input_size, is_training=True, auto_augment=aa or None, interpolation="bicubic",
                           re_prob=reprob, re_mode=remode, re_count=recount, color_jitter=color_jitter,
-                          mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                          mean=tuple(mean), std=tuple(std))
     return _with_zero_bit_posterize(tf)
 
 
-def eval_transform(input_size: int, crop_pct: float | None = None):
+def eval_transform(input_size: int, crop_pct: float | None = None, mean=IMAGENET_DEFAULT_MEAN,
+                   std=IMAGENET_DEFAULT_STD):
     """Below 384 px: resize the short side to ``input_size / crop_pct`` then centre crop; at 384 and
-    above: resize straight to ``input_size`` x ``input_size`` (no crop). Bicubic, ImageNet mean/std.
+    above: resize straight to ``input_size`` x ``input_size`` (no crop). Bicubic, then ``mean``/``std``.
     ``crop_pct=1``: resize the short side to ``input_size``, centre crop (FCMAE's reconstructions)."""
     if input_size >= 384 and crop_pct is None:
         resize = [transforms.Resize((input_size, input_size), interpolation=_BICUBIC)]
     else:
         resize = [transforms.Resize(int(input_size / (crop_pct or EVAL_CROP_PCT)), interpolation=_BICUBIC),
                   transforms.CenterCrop(input_size)]
-    return transforms.Compose([*resize, transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- RandAugment's posterize

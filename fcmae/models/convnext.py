@@ -46,6 +46,13 @@ class Block(nn.Module):
             x = x * self.gamma
         return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
 
+    def run(self, fn, *args):
+        """``fn(self, *args)``. The sparse FCMAE backends evaluate a block's submodules through free
+        functions instead of ``forward``; calling them through this method lets a sharding wrapper
+        treat it as a forward: FSDP2 all-gathers a block's parameters only around ``forward`` and
+        the methods given to ``torch.distributed.fsdp.register_fsdp_forward_method``."""
+        return fn(self, *args)
+
 
 class Stage(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: list[float], cfg: ConvNeXtConfig, first: bool):

@@ -29,5 +29,5 @@ def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple
         keep = keep_map(mask, grid, x.shape[-2] // grid[0]).to(x.dtype)
         x = x * keep
         for blk in stage.blocks:
-            x = _block(blk, x, keep)
+            x = blk.run(_block, x, keep)  # run: sharded blocks gather their weights
     return x

@@ -79,5 +79,5 @@ def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple
         if not isinstance(stage.downsample, torch.nn.Identity):
             x = _downsample(stage.downsample, x)
         for blk in stage.blocks:
-            x = _block(blk, x, ids, grid)
+            x = blk.run(_block, x, ids, grid)  # run: sharded blocks gather their weights
     return to_grid(x, ids, grid).contiguous()

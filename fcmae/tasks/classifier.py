@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from ..models import create_model
-from ..weights import LoadReport, load_checkpoint, load_encoder, open_weights
+from ..weights import LoadReport, load_checkpoint, load_encoder, open_pretrained, open_weights
 from ..weights.adapt import stem_channels
 from ..weights.source import DIR_FILES
 
@@ -17,16 +19,7 @@ RUN_FILES = ("best.safetensors", "best_ema.safetensors", "last.safetensors")  # 
 
 def build_classifier(cfg, num_classes: int) -> tuple[torch.nn.Module, LoadReport | None]:
     """``cfg.model`` (or the source's), its encoder from ``cfg.from_fcmae``, a fresh head."""
-    weights, name = None, cfg.model
-    if cfg.from_fcmae:
-        what = f"--from-fcmae {cfg.from_fcmae}"
-        try:
-            weights = open_weights(cfg.from_fcmae)
-        except (FileNotFoundError, ValueError, TypeError) as e:
-            raise type(e)(f"{what}: {e}") from None
-        name = name or weights.model_name(what)
-    if name is None:
-        raise ValueError("Name the model: --model NAME (e.g. convnextv2_atto), or give --from-fcmae to take its model.")
+    weights, name = open_pretrained(cfg.from_fcmae, cfg.model)
     model = create_model(name, num_classes=num_classes, drop_path_rate=cfg.drop_path,
                          head_init_scale=cfg.head_init_scale, in_chans=cfg.in_chans)
     report = load_encoder(model, weights, f"--from-fcmae {cfg.from_fcmae}") if weights is not None else None
@@ -37,8 +30,6 @@ def build_classifier(cfg, num_classes: int) -> tuple[torch.nn.Module, LoadReport
 
 
 def criterion(cfg, mixup_active: bool) -> torch.nn.Module:
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if mixup_active:  # smoothing is folded into Mixup's soft targets
         return SoftTargetCrossEntropy()
     return LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss()
@@ -47,8 +38,6 @@ def criterion(cfg, mixup_active: bool) -> torch.nn.Module:
 def mixup_fn(cfg, num_classes: int):
     if not (cfg.mixup > 0 or cfg.cutmix > 0):
         return None
-    from timm.data import Mixup
-
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
                  mode=cfg.mixup_mode, label_smoothing=cfg.smoothing, num_classes=num_classes)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from timm.utils import ModelEmaV3
 
 from .. import data
 from ..models.convnext import Block
@@ -92,8 +93,6 @@ def model_ema(run, model):
     """timm's EMA of the eager model, saved with every checkpoint."""
     if not run.cfg.model_ema:
         return None
-    from timm.utils import ModelEmaV3
-
     ema = ModelEmaV3(model, decay=run.cfg.model_ema_decay)
     run.accelerator.register_for_checkpointing(ema)
     return ema

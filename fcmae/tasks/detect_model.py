@@ -73,20 +73,21 @@ def build_detector(model_name: str, num_classes: int, input_size: int, masks: bo
     """torchvision Mask R-CNN (``masks``) or Faster R-CNN on ``ConvNeXtFPNBackbone``, fresh weights.
 
     ``num_classes`` counts the background (torchvision's convention): K object classes -> K + 1.
-    Evaluation resizes the short side to ``input_size`` with the long side at most ``max_size``
-    (default ``input_size * 1333 / 800``, the COCO convention; an LSJ recipe passes
-    ``max_size=input_size``). Training images are used as the dataset hands them over (already
-    jittered, see fcmae.data.detection), as torchvision's own references do with
-    ``_skip_resize``. ``kwargs`` go to torchvision's model (e.g. ``box_score_thresh``).
-    Anchors 32..512 over the five levels and RoIAlign over the four finest, as torchvision's
-    ``maskrcnn_resnet50_fpn`` and mmdetection's FPN configs; torchvision applies hard NMS at test time
-    where mmdetection's ConvNeXt-V2 project used soft-NMS.
+    ``input_size`` is the evaluation scale: the short side goes to ``input_size``, the long side to
+    at most ``max_size`` (default ``input_size * 1333 / 800``, the COCO convention; mmdetection's
+    LSJ config trains at 1024 and still evaluates at 800 x 1333). Training images are taken as the
+    dataset hands them over (already jittered, fcmae.data.detection), as torchvision's references do
+    with ``_skip_resize``; batches are padded to multiples of 32. ``kwargs`` go to torchvision's
+    model (e.g. ``box_score_thresh``).
+    Anchors 32..512 over the five levels, RoIAlign over the four finest, 512 sampled RoIs per image,
+    score threshold 0.05, NMS 0.5, 100 detections, masks at 0.5: the ConvNeXt Mask R-CNN configs'
+    values (torchvision's defaults for most). Not the same: torchvision's RoIAlign is not ``aligned``
+    (mmdetection's is), and it applies hard NMS where mmdetection's ConvNeXt-V2 config uses soft-NMS.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and needs at least one object class; got {num_classes}.")
-    if input_size <= 0 or input_size % 32:
-        raise ValueError(f"input_size must be a positive multiple of 32 (the encoder's total stride); "
-                         f"got {input_size}.")
+    if input_size < 32:
+        raise ValueError(f"input_size (the evaluation short side) must be at least 32 px; got {input_size}.")
     if (image_mean is None) != (image_std is None) or (image_mean is None and in_chans != 3):
         raise ValueError(f"Give both image_mean and image_std ({in_chans} values each) for in_chans={in_chans}; "
                          "the ImageNet defaults hold for RGB only.")
@@ -95,11 +96,14 @@ def build_detector(model_name: str, num_classes: int, input_size: int, masks: bo
         min_size=input_size, max_size=max_size or round(input_size * LONG_SIDE_RATIO),
         image_mean=list(image_mean or IMAGENET_DEFAULT_MEAN), image_std=list(image_std or IMAGENET_DEFAULT_STD),
         rpn_anchor_generator=AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5),
-        box_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=7, sampling_ratio=2),
-        _skip_resize=True, **kwargs)
+        # sampling_ratio 0 (adaptive) and 1000 proposals per training image: the ConvNeXt Mask R-CNN
+        # configs (mmdetection); torchvision's own models use 2 and 2000
+        box_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=7, sampling_ratio=0),
+        rpn_post_nms_top_n_train=1000, _skip_resize=True)
+    common.update(kwargs)
     if masks:
         return MaskRCNN(backbone, num_classes,
-                        mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=2), **common)
+                        mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0), **common)
     return FasterRCNN(backbone, num_classes, **common)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import labelled
+from .. import data
 from ..models.convnext import Head
 
 
@@ -108,7 +108,7 @@ def extract_features(encoder: nn.Module, loader, accelerator=None) -> tuple[torc
 
 @dataclass
 class KnnData:
-    """The fields ``fcmae.data.labelled.load_labelled`` and ``build_val_loader`` read."""
+    """The fields ``fcmae.data.load_labelled`` and ``build_val_loader`` read."""
     data: str
     input_size: int = 224
     batch_size: int = 64
@@ -136,14 +136,14 @@ class KnnMonitor:
 
     @classmethod
     def from_folder(cls, folder: str, accelerator=None, input_size: int = 224, batch_size: int = 64,
-                    num_workers: int = 0, k: int = 20, temperature: float = 0.07, **data) -> "KnnMonitor":
+                    num_workers: int = 0, k: int = 20, temperature: float = 0.07, **fields) -> "KnnMonitor":
         """From a folder with train/ and val/ (or validation/) class sub-folders, or any source
-        ``fcmae.data.labelled`` reads (extra keyword arguments are ``KnnData`` fields). Both splits
+        ``fcmae.data.load_labelled`` reads (extra keyword arguments are ``KnnData`` fields). Both splits
         get the evaluation transform (resize, centre crop, ImageNet normalisation)."""
-        cfg = KnnData(data=str(folder), input_size=input_size, batch_size=batch_size, num_workers=num_workers, **data)
-        train, train_labels, val, val_labels, names = labelled.load_labelled(cfg)
+        cfg = KnnData(data=str(folder), input_size=input_size, batch_size=batch_size, num_workers=num_workers, **fields)
+        train, train_labels, val, val_labels, names = data.load_labelled(cfg)
         pin = accelerator is not None and accelerator.device.type == "cuda"
-        loaders = [labelled.build_val_loader(cfg, ds, y, pin_memory=pin)
+        loaders = [data.build_val_loader(cfg, ds, y, pin_memory=pin)
                    for ds, y in ((train, train_labels), (val, val_labels))]
         if accelerator is not None:
             loaders = [accelerator.prepare(loader) for loader in loaders]

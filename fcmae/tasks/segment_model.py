@@ -14,6 +14,7 @@ forward only returns them inside its own loss, whose normalisation is not mmseg'
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import logging
@@ -23,10 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CONFIGS, create_model
+from ..training.config import exit_on_user_error
 from ..training.layer_decay import exempt_from_weight_decay, layer_id, num_layers
 from ..weights import LoadReport, load_checkpoint
 from ..weights.convert import HF_RENAMES, rename_keys
+from ..weights.files import write_atomic_text
 from ..weights.formats import to_transformers_state_dict
+from ..weights.source import find_weights, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ IGNORE_INDEX = 255
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 OUTPUT_NORMS = "hidden_states_norms."  # the per-stage LayerNorms: fresh, not part of a pretrained encoder
 AUX_LOGITS = "_train_logits"
+FORMAT = "fcmae-segmenter"  # safetensors metadata "format" of a fine-tuned segmenter
+RUN_FILES = ("best.safetensors", "last.safetensors")  # a segmentation run's weights, in the order looked for
+EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 
 
 def build_segmenter(model_name: str, num_classes: int, head_channels: int = 512, drop_path: float = 0.0,
@@ -63,6 +70,14 @@ def build_segmenter(model_name: str, num_classes: int, head_channels: int = 512,
             head.classifier.register_forward_pre_hook(functools.partial(_dropout2d, p=dropout))
     net.auxiliary_head.register_forward_hook(_keep_train_logits)
     return net
+
+
+def block_classes() -> tuple[type, ...]:
+    """The backbone's block classes (transformers' ConvNeXt V1/V2 layers): the units FSDP shards."""
+    from transformers.models.convnext.modeling_convnext import ConvNextLayer
+    from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer
+
+    return ConvNextV2Layer, ConvNextLayer
 
 
 def _dropout2d(module, args, p):
@@ -181,38 +196,42 @@ def param_groups(segmenter, lr: float, weight_decay: float, layer_decay: float =
     return list(groups.values())
 
 
-def poly_lr(step: int, total_steps: int, warmup_steps: int, lr: float, power: float = 1.0, min_lr: float = 0.0,
-            warmup_ratio: float = 1e-6) -> float:
-    """mmseg's ConvNeXt schedule: LinearLR from lr x warmup_ratio to lr over warmup_steps, then PolyLR
-    (power 1.0, down to min_lr) over the remaining steps."""
-    if step < warmup_steps:
-        return lr * (warmup_ratio + (1 - warmup_ratio) * step / warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (lr - min_lr) * (1 - progress) ** power
-
-
 # ----------------------------------------------------------------------------- outputs
 
 def segmenter_metadata(model_name: str, class_names: list[str], input_size: int, head_channels: int,
                        **extra) -> dict[str, str]:
     """safetensors metadata of a fine-tuned segmenter: what ``load_segmenter`` needs to rebuild it."""
-    meta = {"format": "fcmae-segmenter", "model": model_name, "num_classes": str(len(class_names)),
+    meta = {"format": FORMAT, "model": model_name, "num_classes": str(len(class_names)),
             "class_names": json.dumps(list(class_names)), "input_size": str(input_size),
             "head_channels": str(head_channels)}
     return {**meta, **{k: str(v) for k, v in extra.items()}}
 
 
-def load_segmenter(path: str | Path):
+def segmenter_file(source: str | Path) -> Path:
+    """The weights file ``source`` means: itself, or a segmentation run's best (else last) weights."""
+    return find_weights(source, RUN_FILES)
+
+
+def is_segmenter(source) -> bool:
+    """Whether ``source`` (a file or a run directory, not ``hf-hub:``) holds a fine-tuned segmenter."""
+    if str(source).startswith("hf-hub:"):
+        return False
+    try:
+        return read_metadata(segmenter_file(source)).get("format") == FORMAT
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def load_segmenter(source: str | Path):
     """(segmenter in eval mode, metadata) from a ``best.safetensors`` / ``last.safetensors`` written with
-    ``segmenter_metadata``; loaded strictly."""
-    from safetensors import safe_open
+    ``segmenter_metadata``, or the run directory holding it; loaded strictly."""
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("format") != "fcmae-segmenter":
-        raise ValueError(f"{path} is not a fine-tuned fcmae segmenter (its metadata has no format "
-                         "'fcmae-segmenter'); pass best.safetensors or last.safetensors of a segmentation run.")
+    path = segmenter_file(source)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fine-tuned fcmae segmenter (its metadata has no format {FORMAT!r}); pass "
+                         "best.safetensors or last.safetensors of a segmentation run.")
     names = json.loads(meta["class_names"])
     net = build_segmenter(meta["model"], len(names), int(meta["head_channels"]), class_names=names)
     net.load_state_dict(load_file(str(path)), strict=True)
@@ -239,3 +258,85 @@ def export_transformers(segmenter, out_dir: str | Path, class_names: list[str], 
                             image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD),
                             do_reduce_labels=False).save_pretrained(str(out))
     return out
+
+
+def export_segmenter(checkpoint, out, *, overwrite: bool = False, repo_id: str | None = None,
+                     license: str = "apache-2.0", datasets=()) -> Path:
+    """Write ``out``: the transformers folder of ``export_transformers`` and a README.md model card, from a
+    segmentation run directory or its best/last.safetensors. Returns ``out``."""
+    path = segmenter_file(checkpoint)
+    net, meta = load_segmenter(path)
+    out = Path(out)
+    if out.resolve() == path.parent.resolve():
+        raise ValueError(f"--out {out} is the checkpoint's own directory; export to a new folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; choose a new --out or pass --overwrite.")
+        for name in EXPORT_FILES:
+            (out / name).unlink(missing_ok=True)
+        if any(out.iterdir()):  # push uploads the whole folder: it must hold this export only
+            others = sorted(p.name for p in out.iterdir())
+            raise FileExistsError(f"{out} holds files that are not from an export ({others}); choose an empty --out.")
+    names = json.loads(meta["class_names"])
+    export_transformers(net, out, names, int(meta["input_size"]))
+    write_atomic_text(out / "README.md", model_card(meta, repo_id or str(out), license, list(datasets)))
+    log.info("exported segmenter %s (%s, %d classes) to %s", path, meta["model"], len(names), out)
+    return out
+
+
+def model_card(meta: dict, repo_id: str, license: str, datasets: list[str]) -> str:
+    names = json.loads(meta["class_names"])
+    score = f"mIoU {float(meta['mIoU']):.2f} (step {meta.get('step', '?')}, {meta.get('eval_mode', 'whole')} " \
+            "inference) on the validation split" if "mIoU" in meta else "no validation score recorded"
+    head = "\n".join(["---", "library_name: transformers", f"license: {license}", "pipeline_tag: image-segmentation",
+                      "tags: [image-segmentation, upernet, convnextv2, fcmae]"]
+                     + ([f"datasets: [{', '.join(datasets)}]"] if datasets else []) + ["---"])
+    return f"""{head}
+# UperNet + {meta['model']}, fine-tuned with fcmae
+
+Semantic segmentation into {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}),
+trained at {meta['input_size']} px: {score}.
+
+```python
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+processor = AutoImageProcessor.from_pretrained("{repo_id}")
+model = AutoModelForSemanticSegmentation.from_pretrained("{repo_id}")
+inputs = processor(images=image, return_tensors="pt")
+labels = model(**inputs).logits.argmax(1)  # (1, H, W) class indices at the processor's size
+```
+The processor resizes to a square; fcmae's own evaluation keeps the aspect ratio (short side
+{meta['input_size']}): `python finetune/segment.py predict IMAGE --checkpoint RUN`.
+"""
+
+
+def is_segmenter_export(argv: list[str]) -> bool:
+    """Whether ``python -m fcmae.hub ARGV`` is ``export --checkpoint X`` with X a segmentation run or its weights."""
+    if argv[:1] != ["export"]:
+        return False
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--checkpoint")
+    checkpoint = parser.parse_known_args(argv[1:])[0].checkpoint
+    return bool(checkpoint) and is_segmenter(checkpoint)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """``python -m fcmae.hub export --checkpoint SEGMENTATION_RUN --out DIR``: the segmenter branch."""
+    parser = argparse.ArgumentParser(prog="python -m fcmae.hub export", description=export_segmenter.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="segmentation run directory or its best/last.safetensors")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--format", default="transformers", help="transformers (the only format of a segmenter)")
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id(s) trained on (model card)")
+    parser.add_argument("--repo-id", help="OWNER/NAME, for the model card's loading example")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    def run():
+        if args.format != "transformers":
+            raise ValueError(f"--format {args.format}: a segmenter exports as transformers (UperNet) only.")
+        out = export_segmenter(args.checkpoint, args.out, overwrite=args.overwrite, repo_id=args.repo_id,
+                               license=args.license, datasets=args.dataset)
+        print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+    exit_on_user_error(run)

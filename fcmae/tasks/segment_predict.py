@@ -1,8 +1,22 @@
 """Segmentation inference (mmseg's whole / slide / multi-scale + flip modes), scoring (confusion
-matrix -> mIoU, mAcc, aAcc as mmseg's IoUMetric) and drawing predictions (palette PNG, overlay)."""
+matrix -> mIoU, mAcc, aAcc as mmseg's IoUMetric), drawing predictions (palette PNG, overlay), and
+the prediction command.
+
+Usage:
+    python finetune/segment.py predict street.jpg more/ --checkpoint outputs/seg_base --out-dir preds
+    python -m fcmae.tasks.segment_predict street.jpg --checkpoint outputs/seg_base/last.safetensors --ms-flip
+
+For each image: ``<out-dir>/<stem>.png``, the label map as a palette PNG (pixel value = class index,
+the classes present and their colours in its text metadata), and ``<stem>_overlay.png``, the image with
+the classes blended in. Folders are read for their images. The model, class names and input size come
+from the checkpoint (a segmentation run directory, or its best/last.safetensors). Every readable image
+is predicted; each unreadable one is named with its reason on stderr, and the command then exits 1.
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from ..data import IMAGE_EXTENSIONS, decode_rgb
+from ..data.segmentation import eval_transform
+from ..training.config import exit_on_user_error
+from .segment_model import load_segmenter
 
 IGNORE_INDEX = 255
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's ADE20K multi-scale test
@@ -161,3 +180,59 @@ def save_prediction(image: Image.Image, label_map, out_dir: str | Path, stem: st
     keep = (labels == IGNORE_INDEX)[..., None]
     Image.fromarray(np.where(keep, rgb, blend).round().astype(np.uint8)).save(overlay_path)
     return mask_path, overlay_path
+
+
+# ----------------------------------------------------------------------------- the command
+
+def image_paths(items: list[str]) -> list[Path]:
+    """The files given, and the images in the folders given (sorted)."""
+    paths = []
+    for item in map(Path, items):
+        paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if item.is_dir() else [item]
+    return paths
+
+
+@torch.no_grad()
+def predict(args) -> int:
+    net, meta = load_segmenter(args.checkpoint)
+    names, size = json.loads(meta["class_names"]), args.input_size or int(meta["input_size"])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(device)
+    failed, paths = [], image_paths(args.images)
+    for path in paths:
+        try:
+            image = decode_rgb(str(path))
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+            failed.append((path, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
+            continue
+        x = eval_transform(np.asarray(image), size)[None].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            scores = predict_logits(net, x, args.mode, crop=size, ms_ratios=MS_RATIOS if args.ms_flip else None,
+                                    flip=args.ms_flip, out_size=(image.height, image.width))
+        mask, overlay = save_prediction(image, scores.argmax(1)[0], args.out_dir, path.stem, names, args.alpha)
+        print(f"{path} -> {mask} {overlay}", flush=True)
+    for path, reason in failed:
+        print(f"error: cannot read {path}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(paths)} images could not be read.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fcmae.tasks.segment_predict") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--checkpoint", required=True, help="segmentation run directory or its best/last.safetensors")
+    parser.add_argument("--out-dir", default="predictions")
+    parser.add_argument("--mode", choices=("whole", "slide"), default="slide",
+                        help="slide: windows of the input size, stride 2/3 of it (mmseg's ADE20K test)")
+    parser.add_argument("--ms-flip", action="store_true", help="average scales 0.5..1.75 and their mirror images")
+    parser.add_argument("--input-size", type=int, help="short side to resize to (default: the checkpoint's)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    sys.exit(exit_on_user_error(predict, parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ from ..data import check_bad_fraction
 from ..weights.hub import export_and_push
 from .config import save_yaml
 from .optim import lr_at, set_lr
-from .distributed import accelerator_kwargs, distributed_name, shard_model
+from .distributed import accelerator_kwargs, after_prepare, configure, distributed_name
 from .state import complete_checkpoints, fault_point, resolve_resume, trim_log
 
 REPLICATED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
@@ -43,6 +43,7 @@ class Position:
     num_bad: int = 0  # unreadable images, all processes
     num_seen: int = 0
     loss_sum: float = 0.0  # loss summed since the last log row (all processes)
+    loss_steps: int = 0  # the optimizer steps that sum covers
     best: dict = field(default_factory=dict)  # a task's best metrics so far
 
 
@@ -74,6 +75,7 @@ class Run:
         self.out = Path(cfg.output_dir)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers(cfg.report_to),
                                        project_dir=str(self.out), **accelerator_kwargs(self.wrap))
+        configure(self.accelerator, self.wrap)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and self.device.type == "cuda"
@@ -89,10 +91,8 @@ class Run:
         model = model.to(self.device)
         if self.cfg.compile:
             model.compile()
-        model = shard_model(self.accelerator, model, self.wrap)
-        if not shard_loaders:
-            return (*self.accelerator.prepare(model, optimizer), *loaders)
-        return self.accelerator.prepare(model, optimizer, *loaders)
+        model, optimizer, *rest = self.accelerator.prepare(model, optimizer, *(loaders if shard_loaders else ()))
+        return (after_prepare(self.accelerator, model, self.wrap), optimizer, *(rest if shard_loaders else loaders))
 
     def schedule(self, batches_per_epoch: int, kind: str = "cosine") -> Schedule:
         cfg = self.cfg
@@ -227,7 +227,7 @@ class Health:
         self.loss_sum = torch.tensor(pos.loss_sum if run.is_main else 0.0, device=dev)
         self.bad, self.seen = torch.zeros((), device=dev), torch.zeros((), device=dev)
         self.first_bad_step = torch.full((), -1, device=dev, dtype=torch.long)
-        self.since, self.t0 = pos.step, time.perf_counter()
+        self.since, self.t0 = pos.step - pos.loss_steps, time.perf_counter()
 
     def add(self, loss: torch.Tensor, ok: torch.Tensor | None, step: int) -> None:
         self.loss_sum += loss.float()
@@ -266,6 +266,7 @@ class Health:
     def saved(self, pos: Position) -> Position:
         """``pos`` with the loss summed so far, as a checkpoint stores it (a collective)."""
         pos.loss_sum = float(self.run.accelerator.reduce(self.loss_sum, "sum"))
+        pos.loss_steps = pos.step - self.since
         return pos
 
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from huggingface_hub import ModelCardData
+
+from ..version import __version__
 
 from .source import read_metadata, run_dir_of
 
@@ -106,9 +109,6 @@ def render_card(*, arch: str, cfg, num_classes: int, params: int, formats: list[
                 fcmae_args: dict | None) -> str:
     """README.md for an exported folder: YAML front matter (huggingface_hub's ModelCardData), then the
     model, the run's results and config, and how to load it with timm, transformers and fcmae."""
-    from huggingface_hub import ModelCardData
-
-    from .. import __version__
 
     repo = repo_id or "OWNER/NAME"
     acc = any("acc" in k.lower() for m in run.metrics.values() for k in m)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..models import create_fcmae
 from .convert import OFFICIAL_RENAMES, convert_state_dict, normalise_shapes, rename_keys
 from .load import LoadReport, read_state_dict
 from .card import PAPER, read_run_info, redact
@@ -113,8 +114,6 @@ def fcmae_args_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
 
 def write_fcmae(source: Path, net, out: Path, run, as_config: bool) -> dict:
     """fcmae.safetensors (the whole FCMAE, validated by a strict load) and its description."""
-    from ..models import create_fcmae
-
     if not source.is_file():
         raise FileNotFoundError(f"--format fcmae needs the full FCMAE (encoder + decoder): {source} does not exist. "
                                 "Pass the pretraining run directory or its fcmae.safetensors as --checkpoint.")

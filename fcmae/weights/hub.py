@@ -31,11 +31,13 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .load import load_checkpoint, open_weights
-from .formats import DECODER_PARTS, load_fcmae_weights, write_fcmae, write_timm, write_transformers
-from .card import read_label_names, read_run_info, render_card
 from ..models import create_model
+from ..version import __version__
+from .adapt import stem_channels
+from .card import read_label_names, read_run_info, render_card
 from .files import write_atomic_text
+from .formats import DECODER_PARTS, load_fcmae_weights, write_fcmae, write_timm, write_transformers
+from .load import load_checkpoint, open_weights
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +84,17 @@ def export(checkpoint, out, *, model: str | None = None, num_classes: int | None
     labels = [str(x) for x in labels] if labels and num_classes else None
     if labels and len(labels) != num_classes:
         raise ValueError(f"{len(labels)} label names for a {num_classes}-class classifier; give one name per class.")
-    net = create_model(name, num_classes=num_classes).eval()
+    in_chans = stem_channels(sd) or 3
+    net = create_model(name, num_classes=num_classes, in_chans=in_chans).eval()
     load_checkpoint(net, sd)
 
     cfg = {**run.config, **{k: run.metadata[k] for k in ("input_size", "crop_pct") if k in run.metadata}}
     size = int(cfg.get("input_size") or 224)
     data = dict(input_size=size, crop_pct=float(cfg.get("crop_pct") or (0.875 if size < 384 else 1.0)),
                 mean=tuple(cfg.get("mean") or IMAGENET_MEAN), std=tuple(cfg.get("std") or IMAGENET_STD))
+    if len(data["mean"]) != in_chans or len(data["std"]) != in_chans:
+        raise ValueError(f"{path} takes {in_chans} input channels, but its run records no per-channel mean/std for "
+                         "them: export from the run directory (its config.yaml has --mean/--std).")
     datasets = [d for x in ([datasets] if isinstance(datasets, str) else datasets) for d in x.split(",") if d] or (
         [cfg["dataset_name"]] if cfg.get("dataset_name") else [])
     tag = tag or ("fcmae_ft" if num_classes else "fcmae") + (
@@ -145,8 +151,6 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str | None = 
          commit_message: str | None = None, api: HfApi | None = None) -> str:
     """create_repo (exist_ok) + upload_folder of ``folder``; returns the commit (or repo) URL. The token is
     huggingface_hub's business (HF_TOKEN or the login cache). ``private`` applies to a new repo only."""
-    from .. import __version__
-
     folder = Path(folder)
     if not (folder / "README.md").is_file():
         raise FileNotFoundError(f"{folder} is not an export (no README.md): run `python -m fcmae.hub export` first.")

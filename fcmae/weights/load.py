@@ -170,3 +170,18 @@ def load_encoder(model: nn.Module, source, what: str = "--from-fcmae") -> LoadRe
     report.ignored += [k for k in kept if k.startswith("head.norm.")]  # the source's final norm: not used
     report.missing = sorted(fresh_head)
     return report
+
+
+def open_pretrained(source: str | None, model: str | None, what: str = "--from-fcmae") -> tuple[Weights | None, str]:
+    """(the pretrained weights ``source`` names, or None; the model to build: ``model``, else the
+    one the weights hold). Errors name ``what`` (the flag) and say how to fix it."""
+    weights = None
+    if source:
+        try:
+            weights = open_weights(source)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise type(e)(f"{what} {source}: {e}") from None
+        model = model or weights.model_name(f"{what} {source}")
+    if model is None:
+        raise ValueError(f"Name the model: --model NAME (e.g. convnextv2_atto), or give {what} to take its model.")
+    return weights, model

@@ -11,6 +11,10 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors import safe_open
+
 # what a directory may hold, in the order looked for
 DIR_FILES = ("model.safetensors", "encoder.safetensors", "best.safetensors", "fcmae.safetensors", "pytorch_model.bin",
              "model.pt", "model.pth", "checkpoint.pth", "checkpoint.pt")
@@ -51,9 +55,6 @@ def find_weights(source: str | os.PathLike, names: tuple[str, ...] = DIR_FILES) 
 
 
 def _hub_file(repo_id: str, names: tuple[str, ...]) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     repo_id, _, revision = repo_id.partition("@")
     offline = None
     for name in names:
@@ -73,8 +74,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors metadata of ``path`` ({} for other files)."""
     if not str(path).endswith(".safetensors") or not Path(path).is_file():
         return {}
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
 
