@@ -27,7 +27,7 @@ COMMON = ["--input-size", "64", "--num-workers", "0", "--report-to", "none"]
 PRE = [*COMMON, "--model", "convnextv2_atto", "--batch-size", "4", "--decoder-dim", "32", "--num-recon", "0",
        "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--grad-accum", "2", "--max-steps", "4",
        "--save-every", "2", "--mixed-precision", "bf16"]
-# 12 images, 2 per process: 3 steps per epoch, 2 epochs; clipping at 0.01 acts at every step
+# 12 images, 2 per process: 3 steps per epoch, 2 epochs; clipping at 0.01, small enough to rescale these gradients
 FT = [*COMMON, "--batch-size", "2", "--epochs", "2", "--warmup-epochs", "1", "--lr", "2e-3", "--layer-decay", "0.9",
       "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1", "--drop-path", "0.1", "--clip-grad", "0.01"]
 FSDP = ["--use_fsdp", "--fsdp_version", "2"]  # unit and checkpoint settings: fcmae's defaults
@@ -111,19 +111,22 @@ def test_pretraining_under_fsdp2_is_sharded(fsdp_run):
     final = yaml_of(out / "run" / "final.yaml")
     assert final["distributed_type"] == "FSDP2" and final["world_size"] == 2 and final["num_seen"] == 4 * 2 * 2 * 4
     assert "reducer" not in log.lower() and "DistributedDataParallel" not in log  # no DDP wrapper ran
-    assert_sharded(out / "sharding", load_file(str(out / "run" / "fcmae.safetensors")))
-    # the checkpoint holds each tensor as two pieces, one per process's file (torch.distributed.checkpoint)
-    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
-        meta = FileSystemReader(str(out / "run" / "checkpoints" / "step_00000004" / part)).read_metadata()
+    weights = load_file(str(out / "run" / "fcmae.safetensors"))
+    assert_sharded(out / "sharding", weights)
+    # the checkpoint holds each weight and AdamW moment as two pieces (rows split at the middle), one in
+    # each process's file: torch.distributed.checkpoint's metadata. A replicated run writes model.safetensors.
+    ckpt = out / "run" / "checkpoints" / "step_00000004"
+    parts = (("pytorch_model_fsdp_0", "model.", ""), ("optimizer_0", "optimizer.state.", ".exp_avg"))
+    for part, prefix, suffix in parts:
+        meta = FileSystemReader(str(ckpt / part)).read_metadata()
         files = {}
         for index, info in meta.storage_data.items():
             files.setdefault(index.fqn, set()).add(info.relative_path)
-        tensors = {k: v for k, v in meta.state_dict_metadata.items() if getattr(v, "size", torch.Size([])).numel() > 1}
-        assert len(tensors) >= 151
-        for name, md in tensors.items():
-            if md.size[0] > 1:
-                assert len(md.chunks) == 2 and len(files[name]) == 2, name
-                assert sorted(c.offsets[0] for c in md.chunks) == [0, (md.size[0] + 1) // 2], name
+        for name, w in weights.items():
+            key = f"{prefix}{name}{suffix}"
+            starts = sorted(c.offsets[0] for c in meta.state_dict_metadata[key].chunks if c.sizes[0])
+            assert starts == ([0, (len(w) + 1) // 2] if len(w) > 1 else [0]), key
+            assert len(files[key]) == 2, key  # one piece per process (empty for a 1-row tensor)
 
 
 def test_pretraining_under_fsdp2_equals_ddp_bitwise(fsdp_run, ddp_run):
@@ -143,7 +146,8 @@ def test_resume_from_sharded_checkpoint_is_bitwise_exact(fsdp_run, images, tmp_p
     args = [*PRE, "--data", images, "--output-dir", tmp_path / "run"]
     code, _ = launch(FSDP, PRETRAIN, args, env={"FCMAE_FAULT": "step:3"}, check=False)
     assert code != 0 and not (tmp_path / "run" / "final.yaml").exists()
-    assert len(list((tmp_path / "run" / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    shards = (tmp_path / "run" / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").glob("*.distcp")
+    assert sorted(f.name for f in shards) == ["__0_0.distcp", "__1_0.distcp"]
     _, log = launch(["--config_file", CONFIGS / "fsdp_8gpu.yaml"], PRETRAIN, [*args, "--resume", "auto"],
                     env={"FCMAE_SHARDING_REPORT": tmp_path / "sharding"})
     assert "resumed from" in log and "at step 2 (epoch 0, batch 4)" in log
@@ -156,7 +160,8 @@ def test_resume_from_sharded_checkpoint_is_bitwise_exact(fsdp_run, images, tmp_p
 
 def test_finetuning_under_fsdp2_matches_ddp(fsdp_run, tmp_path):
     """Clipping sums the squared gradient norms shard by shard under FSDP2, in one piece under DDP:
-    float rounding apart (measured: at most 1.1e-7 of a tensor's largest value), the same weights."""
+    float rounding apart, the same weights. Measured: at most 1.2e-7 apart (one float32 step at 1.0;
+    about 2 in 3 weights differ), 6e-5 of one AdamW step (lr 2e-3)."""
     shapes = make_shapes(tmp_path / "shapes")
     encoder = fsdp_run[0] / "run" / "encoder.safetensors"
     args = [*FT, "--from-fcmae", encoder, "--data", shapes]
@@ -166,11 +171,11 @@ def test_finetuning_under_fsdp2_matches_ddp(fsdp_run, tmp_path):
     last = load_file(str(tmp_path / "fsdp" / "last.safetensors"))
     assert_sharded(tmp_path / "rep", last)
     ref, start = load_file(str(tmp_path / "ddp" / "last.safetensors")), load_file(str(encoder))
-    tol = 1e-5
+    atol, rtol = 1e-6, 1e-5
+    assert last.keys() == ref.keys()
     for k in ref:
-        assert (last[k] - ref[k]).abs().max() <= tol * ref[k].abs().max(), k
-    moved = max(((ref[k] - start[k]).abs().max() / ref[k].abs().max()).item() for k in start)
-    assert moved > 100 * tol  # the comparison is not between two untrained copies
+        torch.testing.assert_close(last[k], ref[k], atol=atol, rtol=rtol, msg=k)
+    assert max((ref[k] - start[k]).abs().max() for k in start) > 1000 * atol  # both runs trained
     a, b = rows(tmp_path / "fsdp"), rows(tmp_path / "ddp")
     assert [r["step"] for r in a] == [3, 6] and [r["acc1"] for r in a] == [r["acc1"] for r in b]
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-5)

@@ -1,5 +1,11 @@
 """Labelled data for fine-tuning: sources -> (image, label) -> timm transforms -> loaders.
 
+N-channel data (``cfg.in_chans`` not 3: .npy or multi-band TIFF files, fcmae.data.arrays) gets the
+geometric part of the recipe only: RandomResizedCrop, flip, RandomErasing (``--reprob``). RandAugment
+(``--aa``) and colour jitter are defined on RGB values: for arrays they are skipped, with a warning.
+The config is read with getattr defaults (in_chans 3, mean/std ImageNet's, channel_axis 'last'), so
+small configs such as the k-NN monitor's need not name them.
+
 Sources: a local folder with ``train/`` and ``val/`` (or ``validation/``) class sub-folders, or
 parquet/arrow split files with a label column; or a Hugging Face Hub dataset with a label column.
 Labels come out as integers with class names: from a ``ClassLabel`` column, from the folder names,
@@ -12,15 +18,18 @@ out of the accuracy (``ok`` False), never replaced: a stand-in would change the 
 """
 from __future__ import annotations
 
+import warnings
+
 import datasets
 import torch
 from datasets import ClassLabel
 
+from .arrays import Reader
 from .listing import class_labels, local_files
 from .loaders import EpochLoader, epoch_loader
 from .samples import ImageSamples
 from .sources import folder_dataset, image_column, is_local, load_hub
-from .transforms import eval_transform, train_transform
+from .transforms import by_input, eval_transform  # noqa: F401 - eval_transform: imported from here too
 
 # ----------------------------------------------------------------------------- sources
 
@@ -97,10 +106,12 @@ def labels_and_names(train: datasets.Dataset, val: datasets.Dataset, column: str
 # ----------------------------------------------------------------------------- datasets and loaders
 
 class LabelledImages(ImageSamples, torch.utils.data.Dataset):
-    """``ds[(index, epoch)]`` or ``ds[index]`` -> (image (3, S, S), label, ok)."""
+    """``ds[(index, epoch)]`` or ``ds[index]`` -> (image (C, S, S), label, ok); C is the reader's
+    channel count (3 for images)."""
 
-    def __init__(self, hf, labels, transform, seed=0, max_bad_fraction=0.01, train=True, input_size=224):
-        super().__init__(hf, transform, seed, max_bad_fraction)
+    def __init__(self, hf, labels, transform, seed=0, max_bad_fraction=0.01, train=True, input_size=224,
+                 reader: Reader | None = None):
+        super().__init__(hf, transform, seed, max_bad_fraction, reader)
         self.labels, self.train, self.input_size = labels, train, input_size
 
     def __len__(self):
@@ -110,7 +121,7 @@ class LabelledImages(ImageSamples, torch.utils.data.Dataset):
         index, epoch = self.key(key)
         image, source, ok = self.read(index, stand_in=self.train)  # a stand-in brings its own label
         if image is None:  # validation: left out of the metric, never replaced
-            return torch.zeros(3, self.input_size, self.input_size), self.labels[index], False
+            return torch.zeros(self.reader.in_chans, self.input_size, self.input_size), self.labels[index], False
         if not self.train:
             return self.transform(image), self.labels[source], ok
         return self.augment(image, epoch, index), self.labels[source], ok
@@ -129,20 +140,31 @@ def load_labelled(cfg, with_train: bool = True):
     return train, train_labels, val, val_labels, names
 
 
+def channels(cfg) -> tuple[Reader, list[float] | None, list[float] | None]:
+    """(reader, mean, std) of a config: its in_chans / channel_axis / mean / std, or the RGB defaults."""
+    reader = Reader(getattr(cfg, "in_chans", 3), getattr(cfg, "channel_axis", "last"))
+    return reader, getattr(cfg, "mean", None), getattr(cfg, "std", None)
+
+
 def build_train_loader(cfg, train, labels, world_size: int = 1, pin_memory: bool = False) -> EpochLoader:
     """An ``EpochLoader`` over an ``EpochSampler`` (call ``set_epoch``), full batches only."""
     if len(train) // world_size // cfg.batch_size == 0:
         raise ValueError(f"{len(train)} training images are too few for batch size {cfg.batch_size} on {world_size} "
                          "process(es) (batches are full, the incomplete last one is dropped). Lower --batch-size.")
-    tf = train_transform(cfg.input_size, cfg.aa, cfg.reprob, color_jitter=cfg.color_jitter)
-    ds = LabelledImages(train, labels, tf, cfg.seed, cfg.max_bad_fraction, True, cfg.input_size)
+    reader, mean, std = channels(cfg)
+    if reader.arrays and (cfg.aa or cfg.color_jitter):
+        warnings.warn(f"--in-chans {reader.in_chans}: --aa {cfg.aa} and --color-jitter {cfg.color_jitter} apply to RGB "
+                      "images only; arrays get RandomResizedCrop, flip and RandomErasing (--reprob).", stacklevel=2)
+    tf = by_input("train", cfg.input_size, mean, std, aa=cfg.aa, reprob=cfg.reprob, color_jitter=cfg.color_jitter)
+    ds = LabelledImages(train, labels, tf, cfg.seed, cfg.max_bad_fraction, True, cfg.input_size, reader)
     return epoch_loader(ds, cfg.batch_size, cfg.num_workers, cfg.seed, pin_memory)
 
 
 def build_val_loader(cfg, val, labels, pin_memory: bool = False):
     """Every sample once, in order (``accelerator.prepare`` shards it; ``gather_for_metrics`` drops
     the padding)."""
-    ds = LabelledImages(val, labels, eval_transform(cfg.input_size, cfg.crop_pct), cfg.seed, cfg.max_bad_fraction,
-                        False, cfg.input_size)
+    reader, mean, std = channels(cfg)
+    tf = by_input("eval", cfg.input_size, mean, std, crop_pct=cfg.crop_pct)
+    ds = LabelledImages(val, labels, tf, cfg.seed, cfg.max_bad_fraction, False, cfg.input_size, reader)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                        num_workers=cfg.num_workers, shuffle=False, pin_memory=pin_memory)

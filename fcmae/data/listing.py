@@ -20,10 +20,12 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from datasets.utils.py_utils import string_to_dict
 from fsspec.utils import glob_translate
 
-IMAGE_EXTENSIONS = tuple(sorted(ImageFolder.EXTENSIONS))
+IMAGE_EXTENSIONS = tuple(sorted(ImageFolder.EXTENSIONS))  # .tif/.tiff among them: multi-band TIFFs too
+ARRAY_EXTENSIONS = (".npy",)  # N-channel arrays (fcmae.data.arrays); listed as images are: {'bytes': None, 'path'}
+SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
 TABLE_EXTENSIONS = (".parquet", ".arrow")
-BUILDERS = (("parquet", (".parquet",)), ("arrow", (".arrow",)), ("imagefolder", IMAGE_EXTENSIONS))
-ACCEPTED = (f"image files ({' '.join(IMAGE_EXTENSIONS)}), flat or in class sub-folders, "
+BUILDERS = (("parquet", (".parquet",)), ("arrow", (".arrow",)), ("imagefolder", SAMPLE_EXTENSIONS))
+ACCEPTED = (f"image files ({' '.join(IMAGE_EXTENSIONS)}) or .npy arrays, flat or in class sub-folders, "
             f"or {' / '.join(TABLE_EXTENSIONS)} files")
 RACY_NS = 2_000_000_000  # folder times closer than this to the listing may hide a later change (FAT: 2 s ticks)
 SHARDED = SPLIT_PATTERN_SHARDED.replace("{split}", "*")  # data/*-00000-of-00004.*: the split is the name's start
@@ -85,7 +87,7 @@ def class_labels(files: dict[str, list[str]]) -> tuple[list[str], dict[str, list
     """(class names, {split: label of each file}) by datasets' imagefolder rule, or None: the label
     is the name of the file's folder, names are sorted, and labels exist only if there are at least
     two names and every image sits at the same depth (datasets' FolderBasedBuilder)."""
-    images = [f for fs in files.values() for f in fs if f.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [f for fs in files.values() for f in fs if f.lower().endswith(SAMPLE_EXTENSIONS)]
     names = sorted({_folder_name(f) for f in images})
     if len(names) < 2 or len({f.replace("\\", "/").count("/") for f in images}) != 1:
         return None

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .decode import decode_rgb
+from .arrays import Reader
 from .samples import PretrainImages, StreamingPretrainImages, sample_seed
 from .sources import DataConfig, load_source
-from .transforms import eval_transform, pretrain_transform
+from .transforms import by_input
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -64,7 +64,8 @@ def epoch_loader(dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
 def build_pretrain_loader(cfg: DataConfig, batch_size: int, num_workers: int = 0, seed: int = 0,
                           epoch: int = 0, rank: int = 0, world_size: int = 1, transform=None,
                           pin_memory: bool = False) -> EpochLoader:
-    """A loader of (images (B, 3, S, S), ok (B,)) batches with drop_last, set to `epoch`.
+    """A loader of (images (B, C, S, S), ok (B,)) batches with drop_last, set to `epoch`. C is
+    cfg.in_chans; images are normalised with cfg.mean / cfg.std (ImageNet's if None).
 
     Map-style: every rank builds the same loader, and `accelerator.prepare` shards it. rank and
     world_size only check that each rank gets a batch. Streaming: the stream is shuffled (seed +
@@ -73,7 +74,8 @@ def build_pretrain_loader(cfg: DataConfig, batch_size: int, num_workers: int = 0
     The remainder (fewer than batch_size * world_size examples, a different part each epoch)
     is dropped. "examples" rather than "shards": ranks hold equal counts (to within 1), whatever
     the shard sizes, at the price of every rank reading the whole stream."""
-    transform = transform or pretrain_transform(cfg.input_size)
+    transform = transform or by_input("pretrain", cfg.input_size, cfg.mean, cfg.std)
+    reader = Reader(cfg.in_chans, cfg.channel_axis)
     hf, num = load_source(cfg)
     if num is None:
         raise ValueError(f"The number of examples of the streamed dataset {cfg.dataset_name or cfg.data!r} "
@@ -86,29 +88,31 @@ def build_pretrain_loader(cfg: DataConfig, batch_size: int, num_workers: int = 0
         hf = split_dataset_by_node(hf.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer_size),
                                    rank=rank, world_size=world_size, strategy="examples")
         dataset = StreamingPretrainImages(hf, transform, batch_size, num // world_size // batch_size,
-                                          cfg.input_size, seed, rank, world_size, cfg.max_bad_fraction)
+                                          cfg.input_size, seed, rank, world_size, cfg.max_bad_fraction, reader,
+                                          cfg.mean)
         generator = torch.Generator().manual_seed(seed)
         loader = EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
                              generator=generator, pin_memory=pin_memory)
     else:
-        loader = epoch_loader(PretrainImages(hf, transform, seed, cfg.max_bad_fraction), batch_size, num_workers,
-                              seed, pin_memory)
+        loader = epoch_loader(PretrainImages(hf, transform, seed, cfg.max_bad_fraction, reader), batch_size,
+                              num_workers, seed, pin_memory)
     loader.set_epoch(epoch)
     return loader
 
 
 def recon_images(cfg: DataConfig, n: int) -> torch.Tensor:
-    """(up to n, 3, S, S): the first n decodable images of the source, resized (short side S) and
-    centre-cropped, not augmented: the fixed batch whose reconstructions pretraining shows.
-    Unreadable images are skipped; a local folder is listed once per run (fcmae.data.listing)."""
+    """(up to n, C, S, S): the first n decodable images (or arrays) of the source, resized (short
+    side S) and centre-cropped, not augmented, normalised as in training: the fixed batch whose
+    reconstructions pretraining shows. Unreadable files and files with another channel count are
+    skipped; a local folder is listed once per run (fcmae.data.listing)."""
     if n <= 0:
-        return torch.empty(0, 3, cfg.input_size, cfg.input_size)
+        return torch.empty(0, cfg.in_chans, cfg.input_size, cfg.input_size)
     hf, _ = load_source(cfg)
-    tf = eval_transform(cfg.input_size, crop_pct=1.0)
+    tf, reader = by_input("eval", cfg.input_size, cfg.mean, cfg.std, crop_pct=1.0), Reader(cfg.in_chans, cfg.channel_axis)
     images = []
     for row in (hf.take(n * 4) if cfg.streaming else hf.select(range(min(len(hf), n * 4)))):
         try:
-            images.append(tf(decode_rgb(row["image"])))
+            images.append(tf(reader(row["image"])))
         except Exception:  # noqa: BLE001 - a bad image is simply not shown
             continue
         if len(images) == n:

@@ -1,6 +1,6 @@
 """Samples: decode with bad-image accounting, stand-ins for unreadable images, seeded augmentation.
 
-A pretraining sample is `(image, ok)`: a normalised float tensor (3, S, S), and False where the image
+A pretraining sample is `(image, ok)`: a normalised float tensor (C, S, S), and False where the image
 at that index could not be decoded. The tensor is then a stand-in (the next decodable image; in
 streaming, another image of the same batch), so batches keep their shape. Augmentation is a pure
 function of (seed, epoch, index): it depends neither on num_workers nor on the process.
@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
-from .decode import decode_rgb, path_of
+from .arrays import Reader
+from .decode import path_of
 
 MIN_SEEN, ALL_BAD_AFTER, MAX_NAMED = 100, 20, 20
 
@@ -47,12 +48,25 @@ def seeded(seed: int):
             np.random.set_state(np_state)
 
 
+class TooManyBadFiles(ValueError, RuntimeError):
+    """Too many unreadable files: a user error (ValueError: the entry points exit with status 2 and
+    one line), still the RuntimeError it always was. Raised inside a DataLoader worker, torch
+    re-raises it in the main process with the worker's traceback as its message
+    (torch.utils.data's ExceptionWrapper); ``str`` keeps the one line that says what to fix."""
+
+    def __str__(self):
+        text = super().__str__()
+        if text.startswith("Caught ") and "Traceback" in text:
+            return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        return text
+
+
 def check_bad_fraction(num_bad: int, num_seen: int, max_bad_fraction: float) -> None:
     """Raise once more than max_bad_fraction of the images seen have failed. The check starts
     after MIN_SEEN images, or after ALL_BAD_AFTER if none has worked yet."""
     if num_bad and ((num_seen >= MIN_SEEN and num_bad > max_bad_fraction * num_seen)
                     or (num_bad == num_seen and num_seen > ALL_BAD_AFTER)):
-        raise RuntimeError(
+        raise TooManyBadFiles(
             f"{num_bad} of {num_seen} images ({num_bad / num_seen:.1%}) could not be decoded, more than "
             f"the allowed {max_bad_fraction:.1%}. The warnings above name the first bad files. Fix or "
             "remove them, or raise DataConfig.max_bad_fraction (--max-bad-fraction).")
@@ -73,10 +87,12 @@ class BadImageCounter:
 class ImageSamples:
     """What every dataset of images shares: decoding with this process's bad-image counters
     `num_seen`, `num_bad` and `bad_files` (the first MAX_NAMED names), the stand-in rule, and
-    per-sample seeded augmentation. ``hf`` is a datasets object with an 'image' column."""
+    per-sample seeded augmentation. ``hf`` is a datasets object with an 'image' column; ``reader``
+    (fcmae.data.arrays.Reader) turns its values into RGB images or N-channel arrays."""
 
-    def __init__(self, hf, transform, seed: int = 0, max_bad_fraction: float = 0.01):
+    def __init__(self, hf, transform, seed: int = 0, max_bad_fraction: float = 0.01, reader: Reader | None = None):
         self.hf, self.transform, self.seed, self.epoch = hf, transform, seed, 0
+        self.reader = reader or Reader()
         self.max_bad_fraction, self.num_seen, self.num_bad, self.bad_files = max_bad_fraction, 0, 0, []
 
     def set_epoch(self, epoch: int) -> None:
@@ -86,12 +102,13 @@ class ImageSamples:
         """(index, epoch) from a sampler's key: an index, or (index, epoch) from `EpochSampler`."""
         return key if isinstance(key, tuple) else (key, self.epoch)
 
-    def decode(self, value, index: int) -> Image.Image | None:
-        """The RGB image, or None (counted, and named in a warning) if it cannot be decoded."""
+    def decode(self, value, index: int) -> Image.Image | np.ndarray | None:
+        """The RGB image or array, or None (counted, and named in a warning) if it cannot be read
+        or has the wrong number of channels."""
         self.num_seen += 1
         try:
-            image = decode_rgb(value)
-        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            image = self.reader(value)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...; read_array a ValueError
             image, self.num_bad = None, self.num_bad + 1
             if len(self.bad_files) < MAX_NAMED:
                 self.bad_files.append(path_of(value) or f"#{index}")
@@ -110,7 +127,7 @@ class ImageSamples:
         for step in range(1, min(len(self.hf), MIN_SEEN + 1)):
             other = (index + step) % len(self.hf)
             with contextlib.suppress(Exception):
-                return decode_rgb(self.hf[other]["image"]), other, False
+                return self.reader(self.hf[other]["image"]), other, False
         raise RuntimeError(f"Image {index} and the {MIN_SEEN} after it could not be decoded.")
 
     def augment(self, image: Image.Image, epoch: int, index: int):
@@ -138,8 +155,9 @@ class StreamingPretrainImages(ImageSamples, torch.utils.data.IterableDataset):
     only its own groups."""
 
     def __init__(self, hf, transform, batch_size, num_batches, input_size, seed=0, rank=0,
-                 world_size=1, max_bad_fraction=0.01):
-        super().__init__(hf, transform, seed, max_bad_fraction)
+                 world_size=1, max_bad_fraction=0.01, reader=None, mean=IMAGENET_DEFAULT_MEAN):
+        super().__init__(hf, transform, seed, max_bad_fraction, reader)
+        self.mean = list(mean or IMAGENET_DEFAULT_MEAN)
         self.batch_size, self.num_batches, self.input_size = batch_size, num_batches, input_size
         self.rank, self.world_size = rank, world_size
 
@@ -165,8 +183,8 @@ class StreamingPretrainImages(ImageSamples, torch.utils.data.IterableDataset):
     def _group(self, first, values):
         images = [self.decode(v, first + k) for k, v in enumerate(values)]
         good = [im for im in images if im is not None]
-        if not good:  # a whole batch unreadable: mean-gray stand-ins (zeros after normalisation)
-            good = [Image.new("RGB", (self.input_size,) * 2, tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN))]
+        if not good:  # a whole batch unreadable: the mean in every pixel (zeros after normalisation)
+            good = [self.reader.stand_in(self.input_size, self.mean)]
         for k, image in enumerate(images):
             index = (first + k) * self.world_size + self.rank  # position in the global stream
-            yield self.augment(image or good[k % len(good)], self.epoch, index), image is not None
+            yield self.augment(good[k % len(good)] if image is None else image, self.epoch, index), image is not None

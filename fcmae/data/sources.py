@@ -33,6 +33,10 @@ class DataConfig:
     cache_dir: str | None = None
     num_examples: int | None = None  # streaming only, when the source cannot tell its own size
     shuffle_buffer_size: int = 1000  # streaming only: examples held in each worker's buffer
+    in_chans: int = 3  # not 3: every file is an N-channel array (.npy, TIFF; fcmae.data.arrays)
+    mean: list[float] | None = None  # per-channel, in [0, 1] units; None: ImageNet's (RGB only)
+    std: list[float] | None = None
+    channel_axis: str = "last"  # .npy and TIFF page stacks: (H, W, N) 'last' or (N, H, W) 'first'
 
 
 def is_local(source: str) -> bool:

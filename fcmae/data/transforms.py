@@ -25,7 +25,11 @@ class ByInput:
         self.image_tf, self.array_tf = image_tf, array_tf
 
     def __call__(self, x):
-        return self.array_tf(x) if isinstance(x, (np.ndarray, torch.Tensor)) else self.image_tf(x)
+        if isinstance(x, (np.ndarray, torch.Tensor)):
+            return self.array_tf(x)
+        if not self.image_tf:
+            raise ValueError("an RGB image where N-channel arrays are expected (--in-chans is not 3)")
+        return self.image_tf(x)
 
     def __repr__(self):
         return f"ByInput(image={self.image_tf!r}, array={self.array_tf!r})"
@@ -37,15 +41,16 @@ def by_input(kind: str, input_size: int, mean=None, std=None, **kwargs) -> ByInp
     timm's 0.08..1 for fine-tuning), flip and RandomErasing (``reprob``); never RandAugment or
     colour jitter, which assume RGB."""
     mean, std = list(mean or IMAGENET_DEFAULT_MEAN), list(std or IMAGENET_DEFAULT_STD)
+    rgb = len(mean) == 3  # an N-channel run reads every file as an array (arrays.Reader): no image transform
     if kind == "pretrain":
-        return ByInput(pretrain_transform(input_size, mean, std), array_train_transform(input_size, mean, std))
+        return ByInput(rgb and pretrain_transform(input_size, mean, std), array_train_transform(input_size, mean, std))
     if kind == "train":
-        image = train_transform(input_size, kwargs["aa"], kwargs["reprob"], color_jitter=kwargs.get("color_jitter"),
-                                mean=mean, std=std)
+        image = rgb and train_transform(input_size, kwargs["aa"], kwargs["reprob"],
+                                        color_jitter=kwargs.get("color_jitter"), mean=mean, std=std)
         return ByInput(image, array_train_transform(input_size, mean, std, (0.08, 1.0), kwargs["reprob"]))
     if kind == "eval":
         crop_pct = kwargs.get("crop_pct")
-        return ByInput(eval_transform(input_size, crop_pct, mean, std),
+        return ByInput(rgb and eval_transform(input_size, crop_pct, mean, std),
                        array_eval_transform(input_size, mean, std, crop_pct))
     raise ValueError(f"kind must be pretrain, train or eval; got {kind!r}.")
 

@@ -90,7 +90,8 @@ def data_config(cfg: PretrainConfig) -> data.DataConfig:
     return data.DataConfig(data=cfg.data, dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
                            split=cfg.split, image_column=cfg.image_column, streaming=cfg.streaming,
                            input_size=cfg.input_size, max_bad_fraction=cfg.max_bad_fraction,
-                           num_examples=cfg.num_examples)
+                           num_examples=cfg.num_examples, in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std,
+                           channel_axis=cfg.channel_axis)
 
 
 def build_fcmae(cfg: PretrainConfig, run) -> torch.nn.Module:

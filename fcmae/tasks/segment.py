@@ -28,7 +28,7 @@ from ..training.config import RunConfig, cli, help_field
 from ..training.optim import backward_micro_batch, optimizer_step
 from ..training.run import Health, Position, due, micro_batches, start
 from ..training.state import save_checkpoint
-from ..weights import open_weights
+from ..weights import open_pretrained
 from ..weights.files import save_safetensors, write_atomic_text
 from ..weights.hub import push
 from . import segment_model as sm
@@ -115,20 +115,12 @@ def load_data(cfg: SegmentConfig, rank: int = 0, world: int = 1, train: bool = T
 def build(cfg: SegmentConfig, names: list[str]):
     """(segmenter, encoder LoadReport or None): ``cfg.model`` (or the source's) with the encoder of
     ``cfg.from_fcmae`` loaded strictly; the heads and per-stage output norms fresh."""
-    weights, name, what = None, cfg.model, f"--from-fcmae {cfg.from_fcmae}"
-    if cfg.from_fcmae:
-        try:
-            weights = open_weights(cfg.from_fcmae)
-        except (FileNotFoundError, ValueError, TypeError) as e:
-            raise type(e)(f"{what}: {e}") from None
-        name = name or weights.model_name(what)
-    if name is None:
-        raise ValueError("Name the model: --model NAME (e.g. convnextv2_tiny), or give --from-fcmae to take its model.")
+    weights, name = open_pretrained(cfg.from_fcmae, cfg.model)
     net = sm.build_segmenter(name, len(names), cfg.head_channels, cfg.drop_path, cfg.aux_weight, class_names=names)
     try:
         report = sm.load_encoder_into(net, weights) if weights is not None else None
     except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
+        raise ValueError(f"--from-fcmae {cfg.from_fcmae}: {e}") from None
     return net, report
 
 

@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 import yaml
+from tqdm.auto import tqdm
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -117,7 +118,8 @@ def exit_on_user_error(fn, *args, **kwargs):
     except USER_ERRORS as e:
         if os.environ.get("FCMAE_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar first
+        sys.stderr.flush()
         sys.exit(2)
 
 
