@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_suite.sh data       # decode + augment img/s per worker, workers each step needs
 #   bash benchmarks/gpu_suite.sh loop       # whole pretraining loop against the bare step, by --num-workers
 #   bash benchmarks/gpu_suite.sh segment    # UperNet segmentation training step, base and large at 512, bf16
+#   bash benchmarks/gpu_suite.sh detect     # Mask R-CNN training step, tiny and base at 1024 (LSJ), bf16
 #   bash benchmarks/gpu_suite.sh all
 #
 # Results land in benchmarks/results/*_cuda*.json (+ .png), each with the machine it ran on.
@@ -47,4 +48,8 @@ fi
 if [[ $stage == segment || $stage == all ]]; then
   run $PY benchmarks/bench_segment.py --models convnextv2_base convnextv2_large --size 512 --precisions bf16 \
     --batch-sizes 2 8 --channels-last --warmup 3 --iters 10 --out $R/segment_step_cuda.json
+fi
+if [[ $stage == detect || $stage == all ]]; then
+  run $PY benchmarks/bench_detect.py --models convnextv2_tiny convnextv2_base --sizes 800 1024 --precisions bf16 \
+    --batch-sizes 2 4 --warmup 3 --iters 10 --out $R/detect_step_cuda.json
 fi

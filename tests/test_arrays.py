@@ -175,3 +175,89 @@ def test_cli_prints_stats_and_exits_2_on_user_errors(tmp_path, capsys):
     proc = run_cli(["-m", "fcmae.data", "stats", str(tmp_path / "missing")], check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "missing" in proc.stderr and "not a folder" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the loaders in array mode
+
+def _constant_bands(folder, values, n=4, size=(40, 48), first=False):
+    """n .npy files whose band c is the constant values[c] (uint16): any resize or crop keeps it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = np.broadcast_to(np.asarray(values, np.uint16), (*size, len(values)))
+        np.save(folder / f"c{i}.npy", np.moveaxis(a, -1, 0) if first else a)
+    return folder
+
+
+def test_pretrain_loader_and_recon_batch_of_four_channel_npy(tmp_path):
+    from fcmae.data import DataConfig, build_pretrain_loader, recon_images
+
+    values, mean, std = [0, 16384, 32768, 65535], [0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.2, 0.1]
+    want = ((torch.tensor(values) / 65535 - torch.tensor(mean)) / torch.tensor(std))[:, None, None]  # by hand
+    folder = _constant_bands(tmp_path / "npy", values, first=True)
+    np.save(folder / "wrong.npy", np.zeros((3, 40, 48), np.uint16))  # 3 bands in a 4-band run: a bad file
+    cfg = DataConfig(data=str(folder), input_size=32, in_chans=4, mean=mean, std=std, channel_axis="first",
+                     max_bad_fraction=0.5)
+    with pytest.warns(UserWarning, match=r"wrong\.npy: 3 channels"):
+        imgs, ok = next(iter(build_pretrain_loader(cfg, batch_size=5, seed=1)))
+    assert imgs.shape == (5, 4, 32, 32) and ok.tolist().count(False) == 1
+    torch.testing.assert_close(imgs, want.expand(5, 4, 32, 32), atol=1e-5, rtol=0)  # the stand-in included
+    recon = recon_images(cfg, 3)
+    assert recon.shape == (3, 4, 32, 32)
+    torch.testing.assert_close(recon, want.expand(3, 4, 32, 32), atol=1e-5, rtol=0)
+
+
+def test_streaming_all_bad_stand_in_has_n_channels():
+    from fcmae.data import Reader, StreamingPretrainImages
+    from fcmae.data.arrays import array_train_transform
+
+    mean, std = [0.2] * 5, [0.5] * 5
+    ds = StreamingPretrainImages(None, array_train_transform(32, mean, std), 2, 1, 32, max_bad_fraction=1.0,
+                                 reader=Reader(5), mean=mean)
+    with pytest.warns(UserWarning, match="Skipping"):
+        out = list(ds._group(0, [b"not an array", b"nor this"]))
+    assert [ok for _, ok in out] == [False, False]
+    assert all(torch.allclose(x, torch.zeros(5, 32, 32), atol=1e-6) for x, _ in out)  # the mean, normalised
+
+
+def test_labelled_npy_folders_train_and_val(tmp_path):
+    from types import SimpleNamespace
+
+    from fcmae.data import build_train_loader, build_val_loader, load_labelled
+
+    for split in ("train", "val"):
+        for k, name in enumerate(("a", "b")):
+            _constant_bands(tmp_path / split / name, [1000 * (k + 1)] * 4, n=2)
+    (tmp_path / "val" / "b" / "c1.npy").write_bytes(b"broken")
+    cfg = SimpleNamespace(data=str(tmp_path), dataset_name=None, dataset_config_name=None, train_split="train",
+                          val_split="validation", label_column=None, image_column=None, input_size=32, batch_size=2,
+                          num_workers=0, seed=0, max_bad_fraction=0.5, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
+                          color_jitter=0.4, crop_pct=None, eval_batch_size=4, in_chans=4, mean=[0.0] * 4,
+                          std=[1.0] * 4, channel_axis="last")
+    train, train_y, val, val_y, names = load_labelled(cfg)
+    assert names == ["a", "b"] and sorted(train_y) == [0, 0, 1, 1]
+    with pytest.warns(UserWarning, match="apply to RGB images only"):
+        loader = build_train_loader(cfg, train, train_y)
+    loader.set_epoch(0)
+    x, y, ok = next(iter(loader))
+    assert x.shape == (2, 4, 32, 32) and ok.all()
+    with pytest.warns(UserWarning, match=r"c1\.npy"):
+        x, y, ok = next(iter(build_val_loader(cfg, val, val_y)))
+    assert x.shape == (4, 4, 32, 32) and ok.tolist() == [True, True, True, False]
+    assert torch.equal(x[3], torch.zeros(4, 32, 32))  # the placeholder of the unreadable file: 4 channels
+    torch.testing.assert_close(x[0], torch.full((4, 32, 32), 1000 / 65535))  # mean 0, std 1: values as read
+
+
+def test_reader_rgb_runs_read_npy_and_float_tiff(tmp_path):
+    from fcmae.data import Reader
+
+    rgb = RNG.integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    reflectance = RNG.random((6, 5, 3), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "float.tif", reflectance, photometric="rgb")  # PIL cannot read float RGB
+    np.save(tmp_path / "x.npy", rgb)
+    Image.fromarray((rgb >> 8).astype(np.uint8)).save(tmp_path / "x.png")
+    np.testing.assert_array_equal(Reader()(str(tmp_path / "float.tif")), reflectance)
+    np.testing.assert_array_equal(Reader()(str(tmp_path / "x.npy")), (rgb / 65535).astype(np.float32))
+    png = Reader()(str(tmp_path / "x.png"))
+    assert isinstance(png, Image.Image) and np.array_equal(np.asarray(png), rgb >> 8)
+    with pytest.raises(ValueError, match="neither a .npy nor a TIFF"):
+        Reader(4)(str(tmp_path / "x.png"))  # an RGB image in a 4-channel run: a bad file

@@ -16,11 +16,13 @@ from pycocotools.cocoeval import COCOeval
 
 from fcmae.data import EpochSampler
 from fcmae.data.detection import (CategoryMap, DetectionDataset, ann_to_mask, coco_evaluate, coco_from_hub,
-                                  coco_results, collate, jitter_and_flip, load_coco)
+                                  coco_results, collate, load_coco)
 from fcmae.models import create_fcmae, create_model
 from fcmae.tasks.detect_model import backbone_layer, build_detector, load_encoder_into, param_groups
 from fcmae.tasks.detect_predict import class_color, detection_records, draw_detections, write_detections
 from fcmae.weights import load_checkpoint
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 
 CATS = [{"id": 7, "name": "disc"}, {"id": 2, "name": "square"}, {"id": 11, "name": "bar"}]  # sparse, unsorted
 # fewer proposals and sampled RoIs than torchvision's defaults: the same code paths, a CPU test's cost
@@ -362,6 +364,26 @@ def test_detector_trains_one_step(coco_data, masks):
     sum(losses.values()).backward()
     stem = detector.backbone.body.stem[0].weight.grad
     assert stem is not None and torch.isfinite(stem).all() and stem.abs().sum() > 0
+
+
+def test_heads_keep_float32_boxes_under_bf16_autocast():
+    # torchvision decodes boxes in the dtype of its regression output: under bf16 they would snap to a
+    # 4 px grid between 512 and 1024 px
+    detector = build_detector("convnextv2_atto", num_classes=3, input_size=640, box_score_thresh=0.0, **SMALL).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert detector.backbone(torch.rand(1, 3, 64, 64))["0"].dtype == torch.bfloat16  # the backbone does run in bf16
+        out = detector([torch.rand(3, 480, 720)])[0]
+    assert out["boxes"].dtype == out["scores"].dtype == torch.float32 and len(out["boxes"]) > 0
+    big = out["boxes"][out["boxes"] > 512 * 480 / 640]  # > 512 px in the network's frame
+    assert len(big) > 0 and not torch.all(big * 640 / 480 % 4 == 0)
+    target = {"boxes": torch.tensor([[600.0, 100.0, 700.0, 300.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 480, 720, dtype=torch.uint8)}
+    target["masks"][0, 100:300, 600:700] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = detector.train()([torch.rand(3, 480, 720)], [target])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert isinstance(detector.rpn, RegionProposalNetwork) and isinstance(detector.roi_heads, RoIHeads)
+    assert set(detector.state_dict()) == set(build_detector("convnextv2_atto", 3, 640).state_dict())
 
 
 # ----------------------------------------------------------------------------- evaluation

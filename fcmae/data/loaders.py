@@ -54,11 +54,13 @@ PretrainLoader = EpochLoader  # the name fcmae.data has always exported
 
 
 def epoch_loader(dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
-                 pin_memory: bool = False) -> EpochLoader:
-    """Full batches of a map-style dataset of `ImageSamples`, in `EpochSampler` order."""
+                 pin_memory: bool = False, collate_fn=None) -> EpochLoader:
+    """Full batches of a map-style dataset (keys (index, epoch)), in `EpochSampler` order.
+    ``collate_fn``: e.g. lists for detection targets (default: stacked tensors)."""
     generator = torch.Generator().manual_seed(seed)  # DataLoader's base-seed draw, not the global RNG
     return EpochLoader(dataset, sampler=EpochSampler(len(dataset), seed), batch_size=batch_size,
-                       num_workers=num_workers, drop_last=True, generator=generator, pin_memory=pin_memory)
+                       num_workers=num_workers, drop_last=True, generator=generator, pin_memory=pin_memory,
+                       collate_fn=collate_fn)
 
 
 def build_pretrain_loader(cfg: DataConfig, batch_size: int, num_workers: int = 0, seed: int = 0,
@@ -108,7 +110,8 @@ def recon_images(cfg: DataConfig, n: int) -> torch.Tensor:
     if n <= 0:
         return torch.empty(0, cfg.in_chans, cfg.input_size, cfg.input_size)
     hf, _ = load_source(cfg)
-    tf, reader = by_input("eval", cfg.input_size, cfg.mean, cfg.std, crop_pct=1.0), Reader(cfg.in_chans, cfg.channel_axis)
+    tf = by_input("eval", cfg.input_size, cfg.mean, cfg.std, crop_pct=1.0)
+    reader = Reader(cfg.in_chans, cfg.channel_axis)
     images = []
     for row in (hf.take(n * 4) if cfg.streaming else hf.select(range(min(len(hf), n * 4)))):
         try:

@@ -93,6 +93,10 @@ def model_ema(run, model):
     """timm's EMA of the eager model, saved with every checkpoint."""
     if not run.cfg.model_ema:
         return None
+    if run.accelerator.is_fsdp2:
+        raise ValueError("--model-ema is not supported with FSDP: timm's EMA keeps an unsharded copy of the model and "
+                         "updates it from the parameters, which FSDP shards. Drop --model-ema, or launch without "
+                         "--use_fsdp.")
     ema = ModelEmaV3(model, decay=run.cfg.model_ema_decay)
     run.accelerator.register_for_checkpointing(ema)
     return ema

@@ -25,6 +25,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -67,6 +69,42 @@ class ConvNeXtFPNBackbone(nn.Module):
         return self.fpn(OrderedDict((name, norm(f)) for name, norm, f in zip(FEATURES, self.norms, feats)))
 
 
+def _to_float32(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float32(v) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, _to_float32(v)) for k, v in x.items())
+    return x
+
+
+def _device_type(x) -> str | None:
+    if isinstance(x, torch.Tensor):
+        return x.device.type
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    return next((t for t in map(_device_type, values) if t), None)
+
+
+class _Float32:
+    """Runs a torchvision detection head in float32, also under autocast. torchvision decodes boxes in
+    the dtype of the regression output (``BoxCoder.decode_single`` casts the reference boxes to it):
+    under bf16 autocast, anchors, proposals and detections land on a 4 px grid above 512 px and an
+    8 px grid above 1024. The backbone and FPN, most of the compute, stay in the autocast dtype."""
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(_device_type(args) or "cpu", enabled=False):
+            return super().forward(*_to_float32(args), **_to_float32(kwargs))
+
+
+class Float32RPN(_Float32, RegionProposalNetwork):
+    pass
+
+
+class Float32RoIHeads(_Float32, RoIHeads):
+    pass
+
+
 def build_detector(model_name: str, num_classes: int, input_size: int, masks: bool = True, drop_path: float = 0.0,
                    in_chans: int = 3, max_size: int | None = None, image_mean=None, image_std=None,
                    **kwargs) -> MaskRCNN | FasterRCNN:
@@ -83,6 +121,8 @@ def build_detector(model_name: str, num_classes: int, input_size: int, masks: bo
     score threshold 0.05, NMS 0.5, 100 detections, masks at 0.5: the ConvNeXt Mask R-CNN configs'
     values (torchvision's defaults for most). Not the same: torchvision's RoIAlign is not ``aligned``
     (mmdetection's is), and it applies hard NMS where mmdetection's ConvNeXt-V2 config uses soft-NMS.
+    The RPN and RoI heads run in float32 under autocast (``_Float32``), as mmdetection keeps box
+    decoding and losses in float32 under fp16.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and needs at least one object class; got {num_classes}.")
@@ -102,9 +142,13 @@ def build_detector(model_name: str, num_classes: int, input_size: int, masks: bo
         rpn_post_nms_top_n_train=1000, _skip_resize=True)
     common.update(kwargs)
     if masks:
-        return MaskRCNN(backbone, num_classes,
-                        mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0), **common)
-    return FasterRCNN(backbone, num_classes, **common)
+        detector = MaskRCNN(backbone, num_classes, **common,
+                            mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0))
+    else:
+        detector = FasterRCNN(backbone, num_classes, **common)
+    # the same modules and parameter names, with a float32 forward (see _Float32)
+    detector.rpn.__class__, detector.roi_heads.__class__ = Float32RPN, Float32RoIHeads
+    return detector
 
 
 def load_encoder_into(detector: nn.Module, source, use_ema: bool = False, what: str = "--from-fcmae") -> LoadReport:

@@ -16,6 +16,7 @@ from ..models import create_fcmae
 from ..models.convnext import Block
 from ..sparse import gen_random_mask
 from ..training.config import RunConfig, help_field
+from ..training.distributed import unsharded
 from ..training.optim import backward_micro_batch, optimizer_step, param_groups
 from ..training.run import Health, Position, due, micro_batches, start
 from ..training.state import save_checkpoint
@@ -110,6 +111,9 @@ def resume_from_hub(run, model, pos: Position, sched) -> None:
     """A pushed FCMAE holds the weights and the step, not the optimizer: the schedule and the data
     position continue from that step, AdamW's moments start afresh (close to, not bitwise, exact)."""
     source = run.cfg.resume
+    if run.accelerator.is_fsdp2:
+        raise ValueError(f"--resume {source} (weights without optimizer state) is not supported with FSDP: use "
+                         "--init-from to start from them, or resume from a local checkpoint directory.")
     run.say(str(load_fcmae_weights(run.accelerator.unwrap_model(model), source)))
     pos.step = int(read_metadata(fcmae_file(source)).get("step", 0))
     pos.epoch, pos.batch = pos.step // sched.steps_per_epoch, pos.step % sched.steps_per_epoch * sched.grad_accum
@@ -185,7 +189,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             if recon is not None and due(pos.step, cfg.recon_every or cfg.save_every, sched.total):
                 reconstruct(run, model, recon, pos.step)
             if knn is not None and due(pos.step, cfg.knn_every, sched.total):
-                run.log(dict(step=pos.step, **knn(run.accelerator.unwrap_model(model).encoder)))
+                with unsharded(model):  # the k-NN calls the encoder outside the FCMAE's forward
+                    run.log(dict(step=pos.step, **knn(run.accelerator.unwrap_model(model).encoder)))
     run.finish(pos, run.accelerator.unwrap_model(model))
     run.say(f"done: {pos.step} steps; {pos.num_bad} bad images of {pos.num_seen} seen. Outputs in {run.out}")
     run.push(run.out, model=cfg.model, formats=("timm", "fcmae"))
