@@ -25,12 +25,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0, kind: str = "cosine") -> float:
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0, kind: str = "cosine",
+          milestones: tuple[int, ...] = ()) -> float:
     """Linear warmup per iteration, then a decay from ``lr`` to ``min_lr``: half-cycle cosine (MAE,
-    ConvNeXt) or ``poly`` with power 1, a straight line (mmsegmentation's PolyLR in the ConvNeXt
-    UPerNet configs)."""
+    ConvNeXt), ``poly`` with power 1, a straight line (mmsegmentation's PolyLR in the ConvNeXt
+    UPerNet configs), or ``step``: x0.1 at each of ``milestones`` (steps; the Mask R-CNN 1x/3x
+    schedules of Detectron and mmdetection)."""
     if step < warmup_steps:
         return lr * step / warmup_steps
+    if kind == "step":
+        return lr * 0.1 ** sum(step >= m for m in milestones)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if kind == "poly":
         return min_lr + (lr - min_lr) * (1.0 - progress)

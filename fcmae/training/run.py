@@ -56,10 +56,11 @@ class Schedule:
     steps_per_epoch: int
     grad_accum: int
     eff_batch: int
-    kind: str = "cosine"  # cosine | poly (power 1)
+    kind: str = "cosine"  # cosine | poly (power 1) | step (x0.1 at each milestone)
+    milestones: tuple[int, ...] = ()  # steps, for kind step
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, self.total, self.warmup, self.lr, self.min_lr, self.kind)
+        return lr_at(step, self.total, self.warmup, self.lr, self.min_lr, self.kind, self.milestones)
 
     @property
     def per_epoch(self) -> int:  # micro-batches per epoch
@@ -94,7 +95,7 @@ class Run:
         model, optimizer, *rest = self.accelerator.prepare(model, optimizer, *(loaders if shard_loaders else ()))
         return (after_prepare(self.accelerator, model, self.wrap), optimizer, *(rest if shard_loaders else loaders))
 
-    def schedule(self, batches_per_epoch: int, kind: str = "cosine") -> Schedule:
+    def schedule(self, batches_per_epoch: int, kind: str = "cosine", milestones: tuple[int, ...] = ()) -> Schedule:
         cfg = self.cfg
         steps_per_epoch = batches_per_epoch // cfg.grad_accum
         if steps_per_epoch < 1:
@@ -108,7 +109,8 @@ class Run:
                  f"batch {eff_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x {self.world}) | lr {lr:.3g}"
                  + ("" if cfg.lr is not None else f" = blr {cfg.blr:g} x {eff_batch} / 256")
                  + f" | {total} steps ({steps_per_epoch}/epoch), warmup {warmup}")
-        return Schedule(total, warmup, lr, cfg.min_lr, steps_per_epoch, cfg.grad_accum, eff_batch, kind)
+        return Schedule(total, warmup, lr, cfg.min_lr, steps_per_epoch, cfg.grad_accum, eff_batch, kind,
+                        tuple(milestones))
 
     def restore(self, pos: Position) -> Path | None:
         """Load the checkpoint ``--resume`` names into the prepared objects and ``pos``."""
