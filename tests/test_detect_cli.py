@@ -77,7 +77,8 @@ def make_coco(root: Path, n_train: int = 48, n_val: int = 16) -> Path:
                  "segmentation": [[5, 5, 5.5, 5, 5.5, 25, 5, 25]]},
                 {"id": 903, "image_id": b["id"], "category_id": 11, "bbox": [0, 0, 10, 10], "iscrowd": 1, "area": 100,
                  "segmentation": {"size": [b["height"], b["width"]], "counts": rle}},
-                {"id": 904, "image_id": b["id"], "category_id": 11, "bbox": [20, 20, 30, 12], "iscrowd": 0, "area": 360}]
+                {"id": 904, "image_id": b["id"], "category_id": 11, "bbox": [20, 20, 30, 12], "iscrowd": 0,
+                 "area": 360}]
         (root / "annotations").mkdir(exist_ok=True)
         (root / "annotations" / f"{split}.json").write_text(json.dumps(
             {"images": images, "annotations": anns, "categories": CATS}))

@@ -19,7 +19,7 @@ from .. import data
 from ..models.convnext import Block
 from ..training.config import RunConfig, cli, help_field
 from ..training.layer_decay import param_groups_layer_decay
-from ..training.optim import backward_micro_batch, optimizer_step
+from ..training.optim import backward_micro_batch
 from ..training.run import Health, Position, micro_batches, start
 from ..training.state import save_checkpoint
 from ..weights.files import save_safetensors, write_atomic_text
@@ -148,10 +148,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
             health.add(loss, ok, pos.step)
             if not last_micro:
                 continue
-            optimizer_step(run.accelerator, model, optimizer, cfg.clip_grad)
+            run.step(model, optimizer, pos, sched, health, log=False)  # a row per epoch, below
             if ema is not None:
                 ema.update(raw)
-            run.end_step(pos, sched)
             if pos.batch and cfg.save_every and pos.step % cfg.save_every == 0:  # an epoch's end: below
                 health.check(pos)  # never checkpoint weights that saw a non-finite loss
                 save_checkpoint(run.accelerator, run.out / "checkpoints", health.saved(pos), cfg.keep_last)

@@ -48,7 +48,8 @@ WEIGHT_FILES = ("best.safetensors", "last.safetensors", "model.safetensors")
 class DetectConfig(RunConfig):
     model: str | None = help_field("registered model name (default: the one --from-fcmae holds)")
     from_fcmae: str | None = help_field("pretrained encoder: any source finetune/run.py takes (a pretraining run, "
-                                        "encoder/fcmae.safetensors, official/timm/transformers, hf-hub:); none: scratch")
+                                        "encoder/fcmae.safetensors, official/timm/transformers, hf-hub:); none: "
+                                        "from scratch")
     input_size: int = help_field("training scale S: multiscale short side S x (480..800)/800, or the LSJ crop", 800)
     eval_size: int | None = help_field("evaluation short side (long side <= x 1333/800); default --input-size")
     jitter: str = help_field("multiscale (ConvNeXt 3x) | lsj (large-scale jitter, ConvNeXt-V2 mmdet config)",
@@ -253,7 +254,8 @@ def detect(cfg: DetectConfig) -> Path:
     sched = schedule(run, cfg, len(train_loader))
     pos = Position(best=dict(best_bbox_mAP=-1.0, best_step=-1))
     run.restore(pos)
-    run.write_config(sched, pos, categories=cats.to_dict()["categories"], lr_milestone_steps=list(sched.milestones or []),
+    run.write_config(sched, pos, categories=cats.to_dict()["categories"],
+                     lr_milestone_steps=list(sched.milestones or []),
                      dropped=dict(train_ds.dropped), encoder_load=report and dict(
                          layout=report.layout, missing=report.missing, ignored=report.ignored))
     if run.is_main:
@@ -282,7 +284,8 @@ def detect(cfg: DetectConfig) -> Path:
                 health.check(pos)  # never checkpoint weights that saw a non-finite loss
                 save_checkpoint(run.accelerator, run.out / "checkpoints", health.saved(pos), cfg.keep_last)
     run.finish(pos, net, **scores, dropped=dict(train_ds.dropped))
-    run.say(f"done: best bbox mAP {pos.best['best_bbox_mAP']:.4f} at step {pos.best['best_step']}. Outputs in {run.out}")
+    run.say(f"done: best bbox mAP {pos.best['best_bbox_mAP']:.4f} at step {pos.best['best_step']}; outputs in "
+            f"{run.out}")
     publish(run)
     del model, optimizer, train_loader, net
     run.close()

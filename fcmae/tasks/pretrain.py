@@ -17,7 +17,7 @@ from ..models.convnext import Block
 from ..sparse import gen_random_mask
 from ..training.config import RunConfig, help_field
 from ..training.distributed import unsharded
-from ..training.optim import backward_micro_batch, optimizer_step, param_groups
+from ..training.optim import backward_micro_batch, param_groups
 from ..training.run import Health, Position, due, micro_batches, start
 from ..training.state import save_checkpoint
 from ..weights import load_encoder
@@ -175,13 +175,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             health.add(loss, ok, pos.step)
             if not last_micro:
                 continue
-            optimizer_step(run.accelerator, model, optimizer, cfg.clip_grad)
-            run.end_step(pos, sched)
-            if due(pos.step, cfg.log_every, sched.total):
-                health.check(pos)
-                mean_loss, ips = health.take_loss(pos)
-                run.log(dict(step=pos.step, epoch=pos.epoch + pos.batch / sched.per_epoch, loss=mean_loss,
-                             lr=optimizer.param_groups[0]["lr"], images_per_sec=ips))
+            run.step(model, optimizer, pos, sched, health)
             if due(pos.step, cfg.save_every, sched.total):
                 health.check(pos)  # never checkpoint weights that saw a non-finite loss
                 save_checkpoint(run.accelerator, run.out / "checkpoints", health.saved(pos), cfg.keep_last)

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from ..data import segmentation as seg
 from ..training.config import RunConfig, cli, help_field
-from ..training.optim import backward_micro_batch, optimizer_step
+from ..training.optim import backward_micro_batch
 from ..training.run import Health, Position, due, micro_batches, start
 from ..training.state import save_checkpoint
 from ..weights import open_pretrained
@@ -230,13 +230,7 @@ def segment(cfg: SegmentConfig) -> Path:
             health.add(loss, ok, pos.step)
             if not last_micro:
                 continue
-            optimizer_step(run.accelerator, model, optimizer, cfg.clip_grad)
-            run.end_step(pos, sched)
-            if due(pos.step, cfg.log_every, sched.total):
-                health.check(pos)
-                mean_loss, ips = health.take_loss(pos)
-                run.log(dict(step=pos.step, epoch=pos.epoch + pos.batch / sched.per_epoch, loss=mean_loss,
-                             lr=max(g["lr"] for g in optimizer.param_groups), images_per_sec=ips))
+            run.step(model, optimizer, pos, sched, health)
             if due(pos.step, cfg.eval_every, sched.total):
                 scores = validate(run, model, net, val_loader, pos, names)
             if due(pos.step, cfg.save_every, sched.total):

@@ -1,6 +1,7 @@
 """The helpers every task's loop is built of, in the order a loop uses them: ``start`` a run,
 ``schedule`` it, ``restore`` its position, walk its ``micro_batches`` (reseeding and setting the lr
-at each optimizer step), keep its ``Health`` on the device, ``log`` rows, and ``finish`` it.
+at each optimizer step), take each optimizer ``step`` (counting it, logging at ``--log-every``),
+keep its ``Health`` on the device, ``log`` rows, and ``finish`` it.
 
 Exact resume: data order and augmentation are pure functions of (seed, epoch, index) (fcmae.data);
 every random draw of a step (masks, drop path, Mixup) comes from the global RNGs reseeded at the
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from ..data import check_bad_fraction
 from ..weights.hub import export_and_push
 from .config import save_yaml
-from .optim import lr_at, set_lr
+from .optim import lr_at, optimizer_step, set_lr
 from .distributed import accelerator_kwargs, after_prepare, configure, distributed_name
 from .state import complete_checkpoints, fault_point, resolve_resume, trim_log
 
@@ -141,8 +142,20 @@ class Run:
                         desc=self.project, dynamic_ncols=True)
         return resolved
 
+    def step(self, model, optimizer, pos: Position, sched: Schedule, health: "Health", log: bool = True) -> None:
+        """The optimizer step after the last micro-batch: clip, step, zero the gradients; count the
+        step (rolling over to the next epoch after its last batch); at ``--log-every`` steps (with
+        ``log``) check the health and log the mean loss, the lr and the throughput."""
+        optimizer_step(self.accelerator, model, optimizer, self.cfg.clip_grad)
+        self.end_step(pos, sched)
+        if log and due(pos.step, self.cfg.log_every, sched.total):
+            health.check(pos)
+            loss, ips = health.take_loss(pos)
+            self.log(dict(step=pos.step, epoch=pos.epoch + pos.batch / sched.per_epoch, loss=loss,
+                          lr=max(g["lr"] for g in optimizer.param_groups), images_per_sec=ips))
+
     def end_step(self, pos: Position, sched: Schedule) -> None:
-        """After an optimizer step: count it, and roll over to the next epoch after its last batch."""
+        """Count an optimizer step, and roll over to the next epoch after its last batch."""
         pos.step += 1
         fault_point("step", pos.step)
         self.bar.update(1)
@@ -191,7 +204,7 @@ def start(cfg, project: str, wrap=()) -> Run:
 def micro_batches(run: Run, loader, pos: Position, sched: Schedule, optimizer):
     """The rest of this epoch's batches from ``pos``, as ``(batch, last_micro)``. At the first
     micro-batch of each optimizer step the RNGs are reseeded from (seed, step, rank) and the lr
-    is set from the step. Stops at the epoch's end (``run.end_step`` rolls it over) or at the last step."""
+    is set from the step. Stops at the epoch's end (``Run.step`` rolls it over) or at the last step."""
     loader.set_epoch(pos.epoch)
     for batch in run.accelerator.skip_first_batches(loader, pos.batch) if pos.batch else loader:
         if pos.batch % sched.grad_accum == 0:
