@@ -25,8 +25,8 @@ the same split for every seed): 1,437 train / 360 val. Per seed:
 Short runs use light augmentation (crop + flip; no RandAugment, erasing, mixup) and no EMA; both
 arms the same. Prints the table and writes benchmarks/results/finetune_experiment.json (and .png
 where matplotlib is installed). A rerun with the same ``--work-dir`` reuses the runs that finished
-(their result.json): use a new work dir after changing flags. ``--tune`` runs short pretrainings on one seed and compares their
-final knn_acc1 (benchmarks/results/finetune_experiment_tune.json).
+(their result.json): use a new work dir after changing flags. ``--tune`` runs short pretrainings
+on one seed and compares their final knn_acc1 (benchmarks/results/finetune_experiment_tune.json).
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def budget_folder(data: Path, out: Path, subset: dict, fill: int) -> int:
     if out.exists():
         shutil.rmtree(out)
     repeats = -(-fill // sum(len(v) for v in subset.values()))
-    link = lambda src, dst: os.link(src, dst) if src.stat().st_dev == out.parent.stat().st_dev else shutil.copy(src, dst)
+    same_disk = (data.stat().st_dev == out.parent.stat().st_dev)
+    link = os.link if same_disk else shutil.copy  # hard links: 9 folders of ~1.8k files cost no space
     for c, files in subset.items():
         (out / "train" / c).mkdir(parents=True)
         for f in files:
@@ -195,7 +196,8 @@ def tune(args, data: Path, work: Path) -> None:
     results["random_init"] = {"knn_acc1": [(0, round(random_knn(data, args.size, args.seeds[0]), 2))], "loss_last": 0}
     print("\n| setting | final knn_acc1 | best knn_acc1 | loss last |\n|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['knn_acc1'][-1][1]:.2f} | {max(a for _, a in r['knn_acc1']):.2f} | {r['loss_last']:.3f} |")
+        knn = [a for _, a in r["knn_acc1"]]
+        print(f"| {name} | {knn[-1]:.2f} | {max(knn):.2f} | {r['loss_last']:.3f} |")
     out = Path(args.output).with_name("finetune_experiment_tune.json")
     out.write_text(json.dumps({"seed": args.seeds[0], "epochs": args.tune_epochs, "base_preset": str(args.preset),
                                "results": results, "machine": machine("cpu")}, indent=1) + "\n")
@@ -230,7 +232,7 @@ def main() -> None:
     p.add_argument("--budgets", default="1,10,100", help="percent of the training labels")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--finetune-steps", type=int, default=150, help="optimizer steps for every budget and arm")
+    p.add_argument("--finetune-steps", type=int, default=60, help="optimizer steps for every budget and arm")
     p.add_argument("--finetune-lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
@@ -261,6 +263,7 @@ def main() -> None:
         pre[seed] = pretrain(args, data, work / f"pretrain_s{seed}", seed, [])
         if pre[seed]["knn_acc1"][0][0] != 0:
             pre[seed]["knn_acc1"].insert(0, (0, round(random_knn(data, args.size, seed), 2)))  # random init
+            (work / f"pretrain_s{seed}" / "result.json").write_text(json.dumps(pre[seed]) + "\n")
         print(f"seed {seed} pretraining: knn_acc1 {pre[seed]['knn_acc1']} ({pre[seed]['seconds']:.0f} s)", flush=True)
         for b in args.budgets:
             arm(b, seed, "fcmae")
@@ -279,11 +282,11 @@ def main() -> None:
         for j in jobs:
             j.result()
 
-    table = {m: {str(b): dict(zip(("mean", "std"), mean_std(
-        [runs[f"{m}_b{b}_s{s}"]["final_acc1"] for s in args.seeds]))) for b in args.budgets} for m in ("fcmae", "scratch")}
-    gain = {str(b): dict(zip(("mean", "std"), mean_std(
-        [runs[f"fcmae_b{b}_s{s}"]["final_acc1"] - runs[f"scratch_b{b}_s{s}"]["final_acc1"] for s in args.seeds])))
-        for b in args.budgets}
+    final = lambda m, b: [runs[f"{m}_b{b}_s{s}"]["final_acc1"] for s in args.seeds]
+    table = {m: {str(b): dict(zip(("mean", "std"), mean_std(final(m, b)))) for b in args.budgets}
+             for m in ("fcmae", "scratch")}
+    gain = {str(b): dict(zip(("mean", "std"), mean_std(list(np.subtract(final("fcmae", b), final("scratch", b))))))
+            for b in args.budgets}
     wall = time.perf_counter() - t_start
     print(f"\nsklearn digits, {n_train} train / 360 val, convnextv2_atto at {args.size} px, {args.finetune_steps} "
           f"fine-tuning steps (batch {args.batch_size}), seeds {args.seeds}, wall {wall / 60:.1f} min\n")
@@ -300,7 +303,9 @@ def main() -> None:
                          "preset": os.path.relpath(args.preset, ROOT), "work_dir": args.work_dir},
               "table_metric": "val top-1 after the last fine-tuning step; mean and sample std over seeds",
               "table": table, "gain_paired": gain, "pretrain": {str(s): r for s, r in pre.items()},
-              "runs": runs, "wall_seconds": round(wall, 1), "machine": machine("cpu")}
+              "runs": runs, "wall_seconds": round(wall, 1),  # this invocation; reused runs keep their own seconds
+              "run_seconds_total": round(sum(r["seconds"] for r in [*runs.values(), *pre.values()]), 1),
+              "machine": machine("cpu")}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -1,4 +1,5 @@
 """N-channel arrays: reading (.npy, TIFF), integer scaling, transforms, per-channel statistics, CLI."""
+import io
 import itertools
 import os
 
@@ -261,3 +262,22 @@ def test_reader_rgb_runs_read_npy_and_float_tiff(tmp_path):
     assert isinstance(png, Image.Image) and np.array_equal(np.asarray(png), rgb >> 8)
     with pytest.raises(ValueError, match="neither a .npy nor a TIFF"):
         Reader(4)(str(tmp_path / "x.png"))  # an RGB image in a 4-channel run: a bad file
+
+
+def test_too_many_bad_files_is_a_one_line_user_error_even_from_a_worker():
+    from torch.utils.data import DataLoader
+
+    from fcmae.data import Reader, TooManyBadFiles
+    from fcmae.data.samples import PretrainImages
+
+    class Rows(list):  # the datasets object's interface: rows with an 'image' value
+        pass
+
+    good = io.BytesIO()
+    np.save(good, np.zeros((8, 8, 4), np.uint8))
+    rows = Rows([{"image": b"not an array"}] * 29 + [{"image": good.getvalue()}])  # the last one stands in
+    ds = PretrainImages(rows, lambda x: x, reader=Reader(4))
+    with pytest.raises(TooManyBadFiles) as caught:  # the worker's warnings stay in the worker
+        next(iter(DataLoader(ds, batch_size=30, num_workers=1)))  # raised in the worker, re-raised here
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)
+    assert str(caught.value).startswith("21 of 21 images") and "\n" not in str(caught.value)

@@ -38,8 +38,8 @@ AP50_BAR = 0.3  # measured on this data at 128 px: see the report of the run; ch
 
 
 def shape(rng, cat, w, h):
-    bw, bh = (int(rng.integers(48, 72)), int(rng.integers(14, 22))) if cat == 11 else \
-        (int(rng.integers(24, 56)), int(rng.integers(24, 56)))
+    bw, bh = (int(rng.integers(56, 80)), int(rng.integers(18, 26))) if cat == 11 else \
+        (int(rng.integers(32, 64)), int(rng.integers(32, 64)))
     x, y = float(rng.integers(0, w - bw)), float(rng.integers(0, h - bh))
     if cat == 7:  # an ellipse as a 24-point polygon
         t = np.linspace(0, 2 * np.pi, 24, endpoint=False)

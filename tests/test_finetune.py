@@ -366,6 +366,24 @@ def test_predict_prints_top5_with_names(reference_run, shapes):
         assert [float(p[2]) for p in printed] == pytest.approx(probs[i][order].tolist(), abs=1e-4)
 
 
+def test_predict_names_each_unreadable_file_and_predicts_the_rest(reference_run, shapes, tmp_path):
+    good = [shapes / "val" / "circle" / "0.png", shapes / "val" / "triangle" / "1.png"]
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    Image.open(good[0]).convert("RGB").save(tmp_path / "full.jpg", quality=90)
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    paths = [good[0], tmp_path / "bad.jpg", tmp_path / "missing.png", tmp_path / "truncated.jpg", good[1]]
+    proc = run("fcmae.predict", [*paths, "--checkpoint", reference_run], module=True, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    printed = [line for line in proc.stdout.splitlines() if not line.startswith(" ")]
+    assert printed == [str(good[0]), str(good[1])]  # every readable image, in order
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: cannot read")]
+    assert [e.split(": ")[1].removeprefix("cannot read ") for e in errors] == [
+        str(tmp_path / n) for n in ("bad.jpg", "missing.png", "truncated.jpg")]
+    assert "3 of 5 images could not be read" in proc.stderr
+    missing = run("fcmae.predict", [good[0], "--checkpoint", tmp_path / "no_such_run"], module=True, check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "no_such_run" in missing.stderr
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

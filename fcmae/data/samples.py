@@ -67,9 +67,9 @@ def check_bad_fraction(num_bad: int, num_seen: int, max_bad_fraction: float) -> 
     if num_bad and ((num_seen >= MIN_SEEN and num_bad > max_bad_fraction * num_seen)
                     or (num_bad == num_seen and num_seen > ALL_BAD_AFTER)):
         raise TooManyBadFiles(
-            f"{num_bad} of {num_seen} images ({num_bad / num_seen:.1%}) could not be decoded, more than "
-            f"the allowed {max_bad_fraction:.1%}. The warnings above name the first bad files. Fix or "
-            "remove them, or raise DataConfig.max_bad_fraction (--max-bad-fraction).")
+            f"{num_bad} of {num_seen} images ({num_bad / num_seen:.1%}) could not be read (or had another channel "
+            f"count than --in-chans), more than the allowed {max_bad_fraction:.1%}. The warnings above name the "
+            "first bad files. Fix or remove them, or raise DataConfig.max_bad_fraction (--max-bad-fraction).")
 
 
 class BadImageCounter:
@@ -124,11 +124,13 @@ class ImageSamples:
         image = self.decode(self.hf[index]["image"], index)
         if image is not None or not stand_in:
             return image, index, image is not None
-        for step in range(1, min(len(self.hf), MIN_SEEN + 1)):
+        tries = min(len(self.hf), MIN_SEEN + 1)
+        for step in range(1, tries):
             other = (index + step) % len(self.hf)
             with contextlib.suppress(Exception):
                 return self.reader(self.hf[other]["image"]), other, False
-        raise RuntimeError(f"Image {index} and the {MIN_SEEN} after it could not be decoded.")
+        raise TooManyBadFiles(f"Image {index} and the {tries - 1} after it could not be read (or had another channel "
+                              f"count than --in-chans), e.g. {self.bad_files[0]}. Check the data.")
 
     def augment(self, image: Image.Image, epoch: int, index: int):
         """``transform(image)`` with the RNGs seeded from (seed, epoch, index)."""
