@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from conftest import CLI_ENV as ENV
 from conftest import ROOT, run_cli
-from fcmae.tasks.detect import DetectConfig, StepSchedule, export_detector, load_detector
+from fcmae.tasks.detect import DetectConfig, export_detector, load_detector
 from fcmae.training.config import parse_args
 from fcmae.weights.source import read_metadata
 
@@ -33,7 +33,7 @@ CATS = [{"id": 2, "name": "square"}, {"id": 7, "name": "disc"}, {"id": 11, "name
 COLOURS = {2: (230, 70, 60), 7: (70, 220, 90), 11: (80, 120, 240)}
 DET = ["--batch-size", "4", "--lr", "3e-4", "--mixed-precision", "no", "--num-workers", "0", "--report-to", "none",
        "--input-size", "128", "--log-every", "5"]
-REF = ["--max-steps", "40", "--eval-every", "20", "--save-every", "10"]
+REF = ["--max-steps", "60", "--eval-every", "30", "--save-every", "20"]
 AP50_BAR = 0.3  # measured on this data at 128 px: see the report of the run; chance is near 0
 
 
@@ -115,7 +115,7 @@ def pretrained(coco, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(coco, pretrained, tmp_path_factory):
-    """40 steps at 128 px (batch 4, 12 steps an epoch) from the FCMAE run, evaluated at steps 20 and 40."""
+    """60 steps at 128 px (batch 4, 12 steps an epoch) from the FCMAE run, evaluated at steps 30 and 60."""
     out = tmp_path_factory.mktemp("det")
     proc = detect(["--from-fcmae", pretrained, *data_args(coco), *DET, *REF, "--output-dir", out])
     (out / "stdout.txt").write_text(proc.stdout + proc.stderr)
@@ -133,22 +133,63 @@ def cocoeval(gt_path: Path, results: list, iou_type: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- tests
 
-def test_schedule_and_presets_by_hand():
-    """Warmup from 0, then lr x 0.1 at 27/36 and 33/36 of the run (mmdetection's MultiStepLR at epochs 27, 33)."""
-    s = StepSchedule(total=360, warmup=10, lr=1e-4, min_lr=0.0, steps_per_epoch=10, grad_accum=1, eff_batch=16,
-                     milestones=(270, 330))
-    assert [s.lr_at(t) for t in (0, 5, 10, 269, 270, 329, 330, 359)] == pytest.approx(
-        [0, 5e-5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6])
+def test_presets_parse_to_the_published_recipe():
     for name in ("convnextv2_base_coco_maskrcnn_3x", "convnextv2_tiny_coco_maskrcnn_3x"):
         cfg = parse_args(DetectConfig, ["--config", str(ROOT / "configs" / "detect" / f"{name}.yaml"), "--data", "x"])
         assert cfg.lr == 1e-4 and cfg.weight_decay == 0.05 and cfg.layer_decay == 0.95 and cfg.drop_path == 0.4
         assert cfg.lr_milestones == [27, 33] and cfg.epochs == 36 and cfg.layer_decay_type == "layer_wise"
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_count_each_image_once(coco, pretrained, tmp_path):
+    """16 validation images on 2 processes (8 + 8): the evaluation equals one process scoring the saved weights."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT,
+           "--from-fcmae", pretrained, *data_args(coco), *DET, "--batch-size", "2", "--max-steps", "2",
+           "--warmup-steps", "1", "--save-every", "2", "--output-dir", tmp_path]
+    proc = subprocess.run(list(map(str, cmd)), env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+                          text=True, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = yaml.safe_load((tmp_path / "final.yaml").read_text())
+    assert final["world_size"] == 2 and final["ranks_identical"] is True and final["val_images"] == 16
+    net, gt = load_detector(tmp_path / "last.safetensors"), coco / "annotations" / "val.json"
+    results = json.loads((tmp_path / "predictions" / "val_bbox.json").read_text())
+    ids = {im["id"]: im for im in json.loads(gt.read_text())["images"]}
+    mine = []
+    with torch.no_grad():  # one process, every image, torchvision's outputs -> COCO results by hand
+        for iid, im in ids.items():
+            x = torch.from_numpy(np.asarray(Image.open(coco / "val" / im["file_name"]).convert("RGB")).copy())
+            out = net([x.permute(2, 0, 1).float() / 255])[0]
+            for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                mine.append({"image_id": iid, "category_id": net.categories.label_to_cat[lab],
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+    assert sorted(r["image_id"] for r in results) == sorted(r["image_id"] for r in mine)  # each image once
+    stats = cocoeval(gt, mine, "bbox")
+    assert round(final["bbox_mAP"], 4) == round(float(stats[0]), 4)
+
+
+def test_malformed_annotations_exit_2_naming_the_annotation(coco, tmp_path):
+    bad = json.loads((coco / "annotations" / "val.json").read_text())
+    bad["annotations"][3]["image_id"] = 99999
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    out = tmp_path / "out"
+    proc = detect(["--model", "convnextv2_atto", *data_args(coco, tmp_path / "bad.json"), *DET, "--max-steps", "2",
+                   "--output-dir", out], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"annotation {bad['annotations'][3]['id']}" in lines[0] and "99999" in lines[0]
+    assert not any((out / name).exists() for name in ("config.yaml", "log.jsonl", "last.safetensors", "final.yaml"))
+
+
 def test_fcmae_encoder_to_a_trained_detector(reference, pretrained):
-    """Pretrain 10 steps, fine-tune 40 at 128 px: a clearly non-trivial box AP50, the outputs, the load."""
+    """Pretrain 10 steps, fine-tune 60 at 128 px: a clearly non-trivial box AP50, the outputs, the load."""
     evals = rows(reference, "eval")
-    assert [r["step"] for r in evals] == [20, 40] and evals[-1]["bbox_mAP_50"] >= AP50_BAR, evals
+    assert [r["step"] for r in evals] == [30, 60] and evals[-1]["bbox_mAP_50"] >= AP50_BAR, evals
     assert all(-1 <= r[k] <= 1 for r in evals for k in r if "mAP" in k) and evals[-1]["val_images"] == 16
     assert {p.name for p in reference.iterdir()} >= {"config.yaml", "log.jsonl", "categories.json", "predictions",
                                                       "checkpoints", "best.safetensors", "last.safetensors",
@@ -158,10 +199,10 @@ def test_fcmae_encoder_to_a_trained_detector(reference, pretrained):
                for r in train)
     for r in train:  # the parts sum to the loss
         assert sum(v for k, v in r.items() if k.startswith("loss_")) == pytest.approx(r["loss"], rel=1e-5)
-        t = r["step"] - 1  # warmup a tenth of 40, then lr x 0.1 at 27/36 x 40 = 30 and 33/36 x 40 = 37
-        assert r["lr"] == pytest.approx(3e-4 * (t / 4 if t < 4 else 0.1 ** ((t >= 30) + (t >= 37)))), r
+        t = r["step"] - 1  # warmup a tenth of 60, then lr x 0.1 at 27/36 x 60 = 45 and 33/36 x 60 = 55
+        assert r["lr"] == pytest.approx(3e-4 * (t / 6 if t < 6 else 0.1 ** ((t >= 45) + (t >= 55)))), r
     cfg = yaml.safe_load((reference / "config.yaml").read_text())
-    assert cfg["model"] == "convnextv2_atto" and cfg["warmup_steps_resolved"] == 4
+    assert cfg["model"] == "convnextv2_atto" and cfg["warmup_steps_resolved"] == 6
     assert cfg["encoder_load"]["missing"] == [] and "missing" not in (reference / "stdout.txt").read_text()
     cats = json.loads((reference / "categories.json").read_text())["categories"]
     assert [(c["label"], c["id"], c["name"]) for c in cats] == [(1, 2, "square"), (2, 7, "disc"), (3, 11, "bar")]
@@ -213,13 +254,13 @@ def test_logged_ap_equals_cocoeval_of_the_saved_results(reference, coco, tmp_pat
 
 
 def test_resume_after_sigkill_is_bitwise_exact(reference, coco, pretrained, tmp_path):
-    """Killed after step 23 (past the step-20 evaluation, checkpoint 20 the newest): the resumed run
-    repeats steps 21..40, its evaluation and exports, bit for bit."""
+    """Killed after step 43 (past the step-30 evaluation, checkpoint 40 the newest): the resumed run
+    repeats steps 41..60, its evaluation and exports, bit for bit."""
     args = ["--from-fcmae", pretrained, *data_args(coco), *DET, *REF, "--output-dir", tmp_path]
-    crashed = detect(args, env={"FCMAE_FAULT": "step:23"}, check=False)
+    crashed = detect(args, env={"FCMAE_FAULT": "step:43"}, check=False)
     assert crashed.returncode == -signal.SIGKILL and not (tmp_path / "final.yaml").exists()
     resumed = detect([*args, "--resume", "auto"])
-    assert "resumed from" in resumed.stdout + resumed.stderr and "step 20" in resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr and "step 40" in resumed.stdout + resumed.stderr
     for name in ("best.safetensors", "last.safetensors"):
         a, b = load_file(str(tmp_path / name)), load_file(str(reference / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -228,49 +269,3 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, coco, pretrained, tmp_
     assert rows(tmp_path, "eval") == rows(reference, "eval")
     assert (tmp_path / "predictions" / "val_bbox.json").read_text() == \
         (reference / "predictions" / "val_bbox.json").read_text()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_count_each_image_once(coco, pretrained, tmp_path):
-    """16 validation images on 2 processes (8 + 8): the evaluation equals one process scoring the saved weights."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT,
-           "--from-fcmae", pretrained, *data_args(coco), *DET, "--batch-size", "2", "--max-steps", "2",
-           "--warmup-steps", "1", "--save-every", "2", "--output-dir", tmp_path]
-    proc = subprocess.run(list(map(str, cmd)), env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                          text=True, timeout=1200, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    final = yaml.safe_load((tmp_path / "final.yaml").read_text())
-    assert final["world_size"] == 2 and final["ranks_identical"] is True and final["val_images"] == 16
-    net, gt = load_detector(tmp_path / "last.safetensors"), coco / "annotations" / "val.json"
-    results = json.loads((tmp_path / "predictions" / "val_bbox.json").read_text())
-    ids = {im["id"]: im for im in json.loads(gt.read_text())["images"]}
-    mine = []
-    with torch.no_grad():  # one process, every image, torchvision's outputs -> COCO results by hand
-        for iid, im in ids.items():
-            x = torch.from_numpy(np.asarray(Image.open(coco / "val" / im["file_name"]).convert("RGB")).copy())
-            out = net([x.permute(2, 0, 1).float() / 255])[0]
-            for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
-                mine.append({"image_id": iid, "category_id": net.categories.label_to_cat[lab],
-                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
-    assert sorted(r["image_id"] for r in results) == sorted(r["image_id"] for r in mine)  # each image once
-    stats = cocoeval(gt, mine, "bbox")
-    assert round(final["bbox_mAP"], 4) == round(float(stats[0]), 4)
-
-
-def test_malformed_annotations_exit_2_naming_the_annotation(coco, tmp_path):
-    bad = json.loads((coco / "annotations" / "val.json").read_text())
-    bad["annotations"][3]["image_id"] = 99999
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
-    out = tmp_path / "out"
-    proc = detect(["--model", "convnextv2_atto", *data_args(coco, tmp_path / "bad.json"), *DET, "--max-steps", "2",
-                   "--output-dir", out], check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert f"annotation {bad['annotations'][3]['id']}" in lines[0] and "99999" in lines[0]
-    assert not any((out / name).exists() for name in ("config.yaml", "log.jsonl", "last.safetensors", "final.yaml"))

@@ -143,24 +143,15 @@ def build(cfg: DetectConfig, cats: det.CategoryMap):
     return net, (dm.load_encoder_into(net, cfg.from_fcmae, what=what) if weights is not None else None)
 
 
-@dataclass
-class StepSchedule(Schedule):
-    """Linear warmup, then lr x 0.1 at each milestone step (mmdetection's MultiStepLR); no milestones: cosine."""
-
-    milestones: tuple[int, ...] | None = None
-
-    def lr_at(self, step: int) -> float:
-        if self.milestones is None or step < self.warmup:
-            return super().lr_at(step)
-        return self.lr * 0.1 ** sum(step >= m for m in self.milestones)
-
-
-def schedule(run, cfg: DetectConfig, batches: int) -> StepSchedule:
+def schedule(run, cfg: DetectConfig, batches: int) -> Schedule:
+    """Warmup, then lr x 0.1 at each of ``--lr-milestones`` (fractions of ``--epochs`` of the run:
+    mmdetection's MultiStepLR at epochs 27 and 33 of 36), or cosine without milestones."""
+    total = cfg.max_steps or cfg.epochs * (batches // cfg.grad_accum)
     if cfg.warmup_steps is None:  # mmdet's 500 of ~270k; a short run would otherwise never reach its lr
-        cfg.warmup_steps = min(500, (cfg.max_steps or cfg.epochs * (batches // cfg.grad_accum)) // 10)
-    sched = run.schedule(batches, kind="cosine")
-    marks = None if cfg.lr_milestones is None else tuple(round(m / cfg.epochs * sched.total) for m in cfg.lr_milestones)
-    return StepSchedule(**asdict(sched), milestones=marks)
+        cfg.warmup_steps = min(500, total // 10)
+    if cfg.lr_milestones is None:
+        return run.schedule(batches, kind="cosine")
+    return run.schedule(batches, kind="step", milestones=[round(m / cfg.epochs * total) for m in cfg.lr_milestones])
 
 
 class LossParts:

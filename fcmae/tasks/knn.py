@@ -123,6 +123,10 @@ class KnnData:
     image_column: str | None = None
     crop_pct: float | None = None
     eval_batch_size: int | None = None
+    in_chans: int = 3
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    channel_axis: str = "last"
 
 
 class KnnMonitor:

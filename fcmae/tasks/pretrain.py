@@ -163,7 +163,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     resolved = run.write_config(sched, pos)
     recon = data.recon_images(dcfg, cfg.num_recon).to(run.device) if cfg.num_recon else None
     knn = KnnMonitor.from_folder(cfg.knn_data, run.accelerator, cfg.input_size, cfg.batch_size, cfg.num_workers,
-                                 k=cfg.knn_k, temperature=cfg.knn_temperature) if cfg.knn_data else None
+                                 k=cfg.knn_k, temperature=cfg.knn_temperature, in_chans=cfg.in_chans, mean=cfg.mean,
+                                 std=cfg.std, channel_axis=cfg.channel_axis) if cfg.knn_data else None
     health = Health(run, pos)
     model.train()
     while pos.step < sched.total:
