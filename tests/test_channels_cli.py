@@ -134,6 +134,24 @@ def test_finetune_from_a_four_channel_run(npy_run, tmp_path):
     assert best["stem.0.weight"].shape[1] == 4 and best["head.fc.weight"].shape[0] == 2
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["val_samples"] == 4 for r in log)
+    # prediction reads the run's channels, mean and std from the checkpoint
+    sample = sorted((data / "val").rglob("*.npy"))[0]
+    (tmp_path / "rgb.png").write_bytes(b"\x89PNG not really")
+    pred = run_cli(["-m", "fcmae.predict", sample, tmp_path / "rgb.png",
+                    "--checkpoint", out], check=False)
+    assert pred.returncode == 1 and pred.stdout.splitlines()[0] == str(sample) and "rgb.png" in pred.stderr
+    # independent: timm's 4-channel atto with the fine-tuned weights, the eval transform written out
+    import torchvision.transforms.v2.functional as F
+
+    model = timm.create_model("convnextv2_atto", in_chans=4, num_classes=2).eval()
+    model.load_state_dict({k: v.reshape(model.state_dict()[k].shape) for k, v in best.items()})
+    x = torch.from_numpy(np.load(sample).astype(np.float32) / 65535).permute(2, 0, 1)
+    x = F.center_crop(F.resize(x, [int(64 / 0.875)], interpolation=F.InterpolationMode.BICUBIC, antialias=True), [64])
+    x = F.normalize(x, [float(v) for v in mean.split(",")], [float(v) for v in std.split(",")])
+    with torch.no_grad():
+        probs = model(x[None]).softmax(1)[0]
+    printed = [float(line.split()[-1]) for line in pred.stdout.splitlines()[1:3]]
+    assert printed == pytest.approx(sorted(probs.tolist(), reverse=True), abs=1e-4)
 
 
 def test_channels_first_npy_and_a_wrong_channel_count(tmp_path):

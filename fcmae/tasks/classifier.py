@@ -48,6 +48,9 @@ def classifier_metadata(model_name: str, class_names: list[str], cfg, **extra) -
             "class_names": json.dumps(class_names), "input_size": str(cfg.input_size)}
     if cfg.crop_pct is not None:
         meta["crop_pct"] = str(cfg.crop_pct)
+    if cfg.in_chans != 3 or cfg.mean is not None:  # what prediction needs to read and normalise the inputs
+        meta.update(in_chans=str(cfg.in_chans), channel_axis=cfg.channel_axis, mean=json.dumps(cfg.mean),
+                    std=json.dumps(cfg.std))
     return {**meta, **{k: str(v) for k, v in extra.items()}}
 
 

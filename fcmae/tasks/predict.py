@@ -14,30 +14,32 @@ command then exits with status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
 
-from ..data import decode_rgb, eval_transform
+from ..data import Reader, by_input, decode_rgb
 from ..training.config import exit_on_user_error
 from .classifier import load_classifier
 
 
-def read_images(paths: list[str]):
-    """(decoded images with their paths, [(path, reason)] for those that could not be read)."""
+def read_images(paths: list[str], reader=decode_rgb):
+    """(decoded images (or arrays) with their paths, [(path, reason)] for those that could not be read)."""
     good, failed = [], []
     for path in paths:
         try:
-            good.append((path, decode_rgb(path)))
+            good.append((path, reader(path)))
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
             failed.append((path, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
     return good, failed
 
 
 @torch.no_grad()
-def predict(model, images, input_size: int, crop_pct: float | None = None, topk: int = 5, batch_size: int = 32):
-    """[(path, [(class index, probability), ...])] for each (path, PIL image), best first."""
-    tf = eval_transform(input_size, crop_pct)
+def predict(model, images, input_size: int, crop_pct: float | None = None, topk: int = 5, batch_size: int = 32,
+            mean=None, std=None):
+    """[(path, [(class index, probability), ...])] for each (path, PIL image or array), best first."""
+    tf = by_input("eval", input_size, mean, std, crop_pct=crop_pct)
     results = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
@@ -51,8 +53,10 @@ def run(args) -> int:
     model, meta, names = load_classifier(args.checkpoint, args.model, args.labels)
     size = args.input_size or int(meta.get("input_size", 224))
     crop = float(meta["crop_pct"]) if "crop_pct" in meta else None
-    images, failed = read_images(args.images)
-    for path, top in predict(model, images, size, crop, args.topk):
+    mean, std = (json.loads(meta[k]) if k in meta else None for k in ("mean", "std"))  # N-channel runs record them
+    reader = Reader(model.in_chans, meta.get("channel_axis", "last"))
+    images, failed = read_images(args.images, reader)
+    for path, top in predict(model, images, size, crop, args.topk, mean=mean, std=std):
         print(path)
         width = max(len(names[i]) for i, _ in top)
         for rank, (i, p) in enumerate(top, 1):
