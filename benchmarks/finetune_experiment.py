@@ -36,6 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import machine, pyplot  # noqa: E402
 
 PRESET = ROOT / "configs" / "pretrain" / "small_data.yaml"
+RNG_LOCK = threading.Lock()  # random_knn seeds torch's global generator; runs share it from threads
 # one factor at a time around the preset's starting point: (name, extra pretrain flags)
 TUNE_GRID = [("mask0.5_lr1e-3_dec512", ["--mask-ratio", 0.5, "--lr", 1e-3, "--decoder-dim", 512]),
              ("mask0.75_lr1e-3_dec512", ["--mask-ratio", 0.75, "--lr", 1e-3, "--decoder-dim", 512]),
@@ -143,8 +145,9 @@ def random_knn(data: Path, size: int, seed: int) -> float:
     from fcmae import create_fcmae
     from fcmae.tasks.knn import KnnMonitor
 
-    torch.manual_seed(seed)
-    encoder = create_fcmae("convnextv2_atto").encoder
+    with RNG_LOCK:
+        torch.manual_seed(seed)
+        encoder = create_fcmae("convnextv2_atto").encoder
     return KnnMonitor.from_folder(str(data), None, size, 64)(encoder)["knn_acc1"]
 
 
