@@ -6,19 +6,47 @@ fcmae formats). A segmentation run (UperNet, ``finetune/segment.py``) exports as
 weights, config and model card: the entry point tells them apart by the checkpoint's metadata,
 since the weights layer does not know the tasks.
 """
+import argparse
 import sys
 
-from .tasks import segment_model
+from .tasks import detect, segment_model
 from .training.config import exit_on_user_error
 from .weights.formats import load_fcmae_weights  # noqa: F401  (public: fcmae.hub.load_fcmae_weights)
 from .weights.hub import export, export_and_push, parse_formats, push  # noqa: F401
 from .weights.hub import main as weights_main
+from .weights.source import find_weights, read_metadata
+
+
+def export_detector_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fcmae.hub export", description=detect.export_detector.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="detection run directory or its best/last.safetensors")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--format", default="detector", help="detector (the only format of a detection run)")
+    parser.add_argument("--overwrite", action="store_true")
+    args, _ = parser.parse_known_args(argv)
+    print(f"exported to {detect.export_detector(args.checkpoint, args.out, overwrite=args.overwrite)}")
+
+
+def is_detector(argv: list[str]) -> bool:
+    """``export --checkpoint X`` with X a detection run or its weights (their metadata says so)."""
+    if argv[:1] != ["export"]:
+        return False
+    ckpt = argparse.ArgumentParser(add_help=False)
+    ckpt.add_argument("--checkpoint")
+    source = ckpt.parse_known_args(argv[1:])[0].checkpoint
+    try:
+        path = find_weights(source, ("best.safetensors", "last.safetensors"))
+    except (FileNotFoundError, TypeError):
+        return False
+    return read_metadata(path).get("format") == "fcmae-detector"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if segment_model.is_segmenter_export(argv):
         return exit_on_user_error(segment_model.export_main, argv[1:])
+    if is_detector(argv):
+        return exit_on_user_error(export_detector_main, argv[1:])
     return exit_on_user_error(weights_main, argv)
 
 

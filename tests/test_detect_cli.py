@@ -34,7 +34,7 @@ COLOURS = {2: (230, 70, 60), 7: (70, 220, 90), 11: (80, 120, 240)}
 DET = ["--batch-size", "4", "--lr", "3e-4", "--mixed-precision", "no", "--num-workers", "0", "--report-to", "none",
        "--input-size", "128", "--log-every", "5"]
 REF = ["--max-steps", "60", "--eval-every", "30", "--save-every", "20"]
-AP50_BAR = 0.3  # measured on this data at 128 px: see the report of the run; chance is near 0
+AP50_BAR = 0.3  # measured: box AP50 0.66 at step 60 (0.18 at step 30), segm AP50 0.67; chance is near 0
 
 
 def shape(rng, cat, w, h):
