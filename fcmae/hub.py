@@ -27,25 +27,30 @@ def export_detector_main(argv: list[str]) -> None:
     print(f"exported to {detect.export_detector(args.checkpoint, args.out, overwrite=args.overwrite)}")
 
 
-def is_detector(argv: list[str]) -> bool:
-    """``export --checkpoint X`` with X a detection run or its weights (their metadata says so)."""
+def export_checkpoint(argv: list[str]) -> str | None:
+    """The ``--checkpoint`` of ``export`` (None for another command)."""
     if argv[:1] != ["export"]:
-        return False
-    ckpt = argparse.ArgumentParser(add_help=False)
-    ckpt.add_argument("--checkpoint")
-    source = ckpt.parse_known_args(argv[1:])[0].checkpoint
+        return None
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--checkpoint")
+    return parser.parse_known_args(argv[1:])[0].checkpoint
+
+
+def is_detector(source) -> bool:
+    """Whether ``source`` is a detection run or its weights (their metadata says so)."""
     try:
         path = find_weights(source, ("best.safetensors", "last.safetensors"))
     except (FileNotFoundError, TypeError):
         return False
-    return read_metadata(path).get("format") == "fcmae-detector"
+    return read_metadata(path).get("format") == detect.FORMAT
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if segment_model.is_segmenter_export(argv):
+    checkpoint = export_checkpoint(argv)
+    if checkpoint and segment_model.is_segmenter(checkpoint):
         return exit_on_user_error(segment_model.export_main, argv[1:])
-    if is_detector(argv):
+    if checkpoint and is_detector(checkpoint):
         return exit_on_user_error(export_detector_main, argv[1:])
     return exit_on_user_error(weights_main, argv)
 

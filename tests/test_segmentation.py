@@ -311,10 +311,16 @@ def test_export_segmenter_writes_only_into_an_export_folder(atto, tmp_path):
         sm.export_segmenter(tmp_path, out, overwrite=True)
     with pytest.raises(ValueError, match="own directory"):
         sm.export_segmenter(tmp_path / "best.safetensors", tmp_path)
-    assert sm.is_segmenter_export(["export", "--out", "x", "--checkpoint", str(tmp_path)])
-    assert sm.is_segmenter_export(["export", f"--checkpoint={tmp_path / 'best.safetensors'}", "--out", "x"])
-    assert not sm.is_segmenter_export(["export", "--checkpoint", str(out / "model.safetensors"), "--out", "x"])
-    assert not sm.is_segmenter_export(["push", "--folder", str(tmp_path), "--repo-id", "a/b"])
+    from fcmae import hub
+
+    def is_segmenter_export(argv):  # the dispatch of python -m fcmae.hub
+        checkpoint = hub.export_checkpoint(argv)
+        return checkpoint is not None and sm.is_segmenter(checkpoint)
+
+    assert is_segmenter_export(["export", "--out", "x", "--checkpoint", str(tmp_path)])
+    assert is_segmenter_export(["export", f"--checkpoint={tmp_path / 'best.safetensors'}", "--out", "x"])
+    assert not is_segmenter_export(["export", "--checkpoint", str(out / "model.safetensors"), "--out", "x"])
+    assert not is_segmenter_export(["push", "--folder", str(tmp_path), "--repo-id", "a/b"])
 
 
 def test_push_to_hub_exports_the_best_segmenter(atto, tmp_path, monkeypatch):

@@ -310,16 +310,6 @@ The processor resizes to a square; fcmae's own evaluation keeps the aspect ratio
 """
 
 
-def is_segmenter_export(argv: list[str]) -> bool:
-    """Whether ``python -m fcmae.hub ARGV`` is ``export --checkpoint X`` with X a segmentation run or its weights."""
-    if argv[:1] != ["export"]:
-        return False
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--checkpoint")
-    checkpoint = parser.parse_known_args(argv[1:])[0].checkpoint
-    return bool(checkpoint) and is_segmenter(checkpoint)
-
-
 def export_main(argv: list[str] | None = None) -> None:
     """``python -m fcmae.hub export --checkpoint SEGMENTATION_RUN --out DIR``: the segmenter branch."""
     parser = argparse.ArgumentParser(prog="python -m fcmae.hub export", description=export_segmenter.__doc__)
