@@ -237,12 +237,13 @@ def test_labelled_npy_folders_train_and_val(tmp_path):
     train, train_y, val, val_y, names = load_labelled(cfg)
     assert names == ["a", "b"] and sorted(train_y) == [0, 0, 1, 1]
     with pytest.warns(UserWarning, match="apply to RGB images only"):
-        loader = build_train_loader(cfg, train, train_y)
+        loader = build_train_loader(cfg, train, train_y, cfg.batch_size, cfg.seed, cfg.aa, cfg.reprob,
+                                    cfg.color_jitter)
     loader.set_epoch(0)
     x, y, ok = next(iter(loader))
     assert x.shape == (2, 4, 32, 32) and ok.all()
     with pytest.warns(UserWarning, match=r"c1\.npy"):
-        x, y, ok = next(iter(build_val_loader(cfg, val, val_y)))
+        x, y, ok = next(iter(build_val_loader(cfg, val, val_y, cfg.eval_batch_size, cfg.crop_pct)))
     assert x.shape == (4, 4, 32, 32) and ok.tolist() == [True, True, True, False]
     assert torch.equal(x[3], torch.zeros(4, 32, 32))  # the placeholder of the unreadable file: 4 channels
     torch.testing.assert_close(x[0], torch.full((4, 32, 32), 1000 / 65535))  # mean 0, std 1: values as read

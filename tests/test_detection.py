@@ -15,11 +15,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fcmae.data import EpochSampler
-from fcmae.data.detection import (CategoryMap, DetectionDataset, ann_to_mask, coco_evaluate, coco_from_hub,
-                                  coco_results, collate, load_coco)
+from fcmae.data.detection import CategoryMap, DetectionDataset, ann_to_mask, coco_from_hub, collate, load_coco
+from fcmae.tasks.detect.evaluation import coco_evaluate, coco_results
 from fcmae.models import create_fcmae, create_model
-from fcmae.tasks.detect_model import backbone_layer, build_detector, load_encoder_into, param_groups
-from fcmae.tasks.detect_predict import class_color, detection_records, draw_detections, write_detections
+from fcmae.tasks.detect.model import build_detector, load_encoder_into, lr_scale
+from fcmae.tasks.detect.predict import class_color, detection_records, draw_detections, write_detections
+from fcmae.training.layer_decay import layer_id, num_layers
+from fcmae.training.optim import param_groups
 from fcmae.weights import load_checkpoint
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -162,7 +164,7 @@ def _mask_box(m):
 def test_multiscale_jitter_resizes_boxes_masks_and_image_together(coco_data):
     ann_path, images_dir = coco_data
     api, size = _coco_api(ann_path), 128
-    ds = DetectionDataset(load_coco(ann_path), images_dir, train=True, input_size=size, seed=3)
+    ds = DetectionDataset(load_coco(ann_path), images_dir, train=True, scale=size, seed=3)
     allowed = {size * v / 800 for v in range(480, 801, 32)}
     flips = set()
     for epoch in range(4):
@@ -194,7 +196,7 @@ def test_multiscale_jitter_resizes_boxes_masks_and_image_together(coco_data):
 
 
 def test_lsj_crops_to_input_size_and_keeps_boxes_on_masks(coco_data):
-    ds = DetectionDataset(load_coco(coco_data[0]), coco_data[1], train=True, input_size=64, jitter="lsj")
+    ds = DetectionDataset(load_coco(coco_data[0]), coco_data[1], train=True, scale=64, jitter="lsj")
     shapes = set()
     for epoch in range(6):
         for index in range(len(ds)):
@@ -210,7 +212,7 @@ def test_lsj_crops_to_input_size_and_keeps_boxes_on_masks(coco_data):
 
 
 def test_epoch_sampler_keys_and_collate(coco_data):
-    ds = DetectionDataset(load_coco(coco_data[0]), coco_data[1], train=True, input_size=64)
+    ds = DetectionDataset(load_coco(coco_data[0]), coco_data[1], train=True, scale=64)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=EpochSampler(len(ds), seed=1), collate_fn=collate)
     images, targets = next(iter(loader))
     assert isinstance(images, list) and len(images) == 3 and all(im.ndim == 3 for im in images)
@@ -242,7 +244,7 @@ def test_hub_schema_adapter_from_local_parquet(tmp_path):
     image, t = ds[1]
     assert image.shape == (3, 80, 64) and t["image_id"] == 101
     assert t["boxes"].tolist() == [[4, 6, 24, 17]] and t["labels"].tolist() == [2]  # category 1 -> label 2
-    image, t = DetectionDataset(coco, hf=hf, train=True, input_size=64)[(0, 0)]
+    image, t = DetectionDataset(coco, hf=hf, train=True, scale=64)[(0, 0)]
     assert t["masks"].shape[0] == 1 and t["masks"].shape[-2:] == image.shape[-2:]
 
 
@@ -262,7 +264,7 @@ def _fcmae_checkpoint(tmp_path, name="convnextv2_atto"):
 
 def test_backbone_outputs_equal_forward_intermediates_after_load(tmp_path):
     fcmae, path = _fcmae_checkpoint(tmp_path)
-    detector = build_detector("convnextv2_atto", num_classes=4, input_size=128).eval()
+    detector = build_detector("convnextv2_atto", num_classes=4, min_size=128).eval()
     report = load_encoder_into(detector, path)
     assert report.missing == []
     body = detector.backbone.body
@@ -290,7 +292,7 @@ def test_backbone_outputs_equal_forward_intermediates_after_load(tmp_path):
 def test_encoder_load_drops_a_classifier_and_refuses_another_model(tmp_path):
     clf = create_model("convnextv2_atto", num_classes=10)
     torch.save(clf.state_dict(), tmp_path / "clf.pth")
-    detector = build_detector("convnextv2_atto", num_classes=4, input_size=64)
+    detector = build_detector("convnextv2_atto", num_classes=4, min_size=64)
     report = load_encoder_into(detector, tmp_path / "clf.pth")
     assert sorted(report.ignored) == ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
     torch.testing.assert_close(detector.backbone.body.stem[0].weight, clf.stem[0].weight)
@@ -305,8 +307,8 @@ def test_rgb_encoder_into_a_four_channel_backbone_adapts_the_stem(tmp_path):
     rgb = create_model("convnextv2_atto", num_classes=0)
     torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
     with pytest.raises(ValueError, match="image_mean"):
-        build_detector("convnextv2_atto", num_classes=3, input_size=64, in_chans=4)
-    detector = build_detector("convnextv2_atto", num_classes=3, input_size=64, in_chans=4,
+        build_detector("convnextv2_atto", num_classes=3, min_size=64, in_chans=4)
+    detector = build_detector("convnextv2_atto", num_classes=3, min_size=64, in_chans=4,
                               image_mean=[0.5] * 4, image_std=[0.25] * 4)
     load_encoder_into(detector, tmp_path / "rgb.pth")
     torch.testing.assert_close(detector.backbone.body.stem[0].weight, adapt_input_conv(4, rgb.stem[0].weight))
@@ -316,8 +318,8 @@ def test_rgb_encoder_into_a_four_channel_backbone_adapts_the_stem(tmp_path):
 
 def test_layer_decay_matches_the_detection_configs():
     d = 0.95
-    detector = build_detector("convnextv2_atto", num_classes=4, input_size=64, masks=False)
-    groups = param_groups(detector, weight_decay=0.05, layer_decay=d)
+    detector = build_detector("convnextv2_atto", num_classes=4, min_size=64, masks=False)
+    groups = param_groups(detector, 0.05, lr_scale(detector, d))
     scale, wd = {}, {}
     for g in groups:
         for p in g["params"]:
@@ -344,18 +346,18 @@ def test_layer_decay_matches_the_detection_configs():
     for name, depths, power in [("stem.0.weight", tiny, 7), ("stages.2.blocks.8.conv_dw.weight", tiny, 2),
                                 ("stem.1.weight", base, 13), ("stages.2.blocks.26.norm.weight", base, 2),
                                 ("stages.3.blocks.2.mlp.fc1.weight", base, 1)]:
-        i, n = backbone_layer(name, depths)
+        i, n = layer_id(name, depths, "layer_wise"), num_layers(depths, "layer_wise")
         assert n + 1 - i == power, name
-    assert backbone_layer("stem.0.weight", (3, 3, 9, 3), "single") == (1, 18)
+    assert (layer_id("stem.0.weight", (3, 3, 9, 3), "single"), num_layers((3, 3, 9, 3), "single")) == (1, 18)
 
 
 @pytest.mark.parametrize("masks", [True, False])
 def test_detector_trains_one_step(coco_data, masks):
     ann_path, images_dir = coco_data
-    ds = DetectionDataset(load_coco(ann_path), images_dir, train=True, input_size=128, masks=masks)
+    ds = DetectionDataset(load_coco(ann_path), images_dir, train=True, scale=128, masks=masks)
     images, targets = collate([ds[(0, 0)], ds[(2, 0)]])  # image 30 has no objects
     assert targets[1]["boxes"].shape == (0, 4)
-    detector = build_detector("convnextv2_atto", num_classes=ds.categories.num_classes, input_size=128, masks=masks,
+    detector = build_detector("convnextv2_atto", num_classes=ds.categories.num_classes, min_size=128, masks=masks,
                               **SMALL).train()
     losses = detector(images, targets)
     expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -369,7 +371,7 @@ def test_detector_trains_one_step(coco_data, masks):
 def test_heads_keep_float32_boxes_under_bf16_autocast():
     # torchvision decodes boxes in the dtype of its regression output: under bf16 they would snap to a
     # 4 px grid between 512 and 1024 px
-    detector = build_detector("convnextv2_atto", num_classes=3, input_size=640, box_score_thresh=0.0, **SMALL).eval()
+    detector = build_detector("convnextv2_atto", num_classes=3, min_size=640, box_score_thresh=0.0, **SMALL).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert detector.backbone(torch.rand(1, 3, 64, 64))["0"].dtype == torch.bfloat16  # the backbone does run in bf16
         out = detector([torch.rand(3, 480, 720)])[0]
@@ -452,7 +454,7 @@ def test_logged_metrics_equal_cocoeval_of_the_saved_json(coco_data, tmp_path):
 def test_detector_eval_outputs_become_coco_results(coco_data, tmp_path):
     ann_path, images_dir = coco_data
     ds = DetectionDataset(load_coco(ann_path), images_dir, train=False)
-    detector = build_detector("convnextv2_atto", num_classes=ds.categories.num_classes, input_size=64,
+    detector = build_detector("convnextv2_atto", num_classes=ds.categories.num_classes, min_size=64,
                               box_score_thresh=0.0, **SMALL).eval()
     images, targets = collate([ds[i] for i in range(3)])
     with torch.no_grad():

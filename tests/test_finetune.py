@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import fcmae
 from conftest import CLI_ENV as ENV
 from conftest import ROOT, run_cli
-from fcmae.tasks.classifier import build_classifier
+from fcmae.tasks.classify import build_classifier
 from fcmae.tasks.classify import FinetuneConfig
 
 FINETUNE, PRETRAIN = str(ROOT / "finetune" / "run.py"), str(ROOT / "fcmae" / "pretrain.py")
@@ -237,12 +237,13 @@ def test_wrong_architecture_fails_naming_both(shapes, pretrain_run, tmp_path):
 
 
 def _groups(name, decay, kind):
-    from fcmae.training.layer_decay import param_groups_layer_decay
+    from fcmae.tasks.classify.model import lr_scale
+    from fcmae.training.optim import param_groups
 
     with torch.device("meta"):  # names and shapes matter, values do not
         model = fcmae.create_model(name, num_classes=10)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups_layer_decay(model, 0.05, decay, kind)
+    groups = param_groups(model, 0.05, lr_scale(model, decay, kind))
     assert sum(len(g["params"]) for g in groups) == len(names)
     return {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
 

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import CLI_ENV, ROOT
 from fcmae.data.labelled import eval_transform
 from fcmae.models import create_fcmae, create_model
-from fcmae.tasks.knn import KnnMonitor, extract_features, knn_accuracy
+from fcmae.tasks.pretrain.evaluation import KnnMonitor, extract_features, knn_accuracy
 
 T = 0.07
 
@@ -138,7 +138,7 @@ TWO_PROCESS_SCRIPT = """
 import sys, torch
 from accelerate import Accelerator
 from fcmae.models import create_fcmae
-from fcmae.tasks.knn import extract_features
+from fcmae.tasks.pretrain.evaluation import extract_features
 torch.manual_seed(0)
 encoder = create_fcmae("convnextv2_atto").encoder
 images, labels = torch.randn(7, 3, 32, 32), torch.arange(7)

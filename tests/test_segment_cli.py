@@ -24,7 +24,9 @@ from safetensors.torch import load_file
 import fcmae
 from conftest import CLI_ENV as ENV
 from conftest import ROOT, run_cli
-from fcmae.tasks import segment_model as sm
+from fcmae.tasks.segment import artifact as sa
+from fcmae.weights import hub
+from fcmae.tasks.segment import model as sm
 from fcmae.weights.source import read_metadata
 
 SCRIPT = ROOT / "finetune" / "segment.py"
@@ -168,7 +170,7 @@ def test_fcmae_encoder_to_a_trained_segmenter(reference):
 def test_logged_miou_equals_an_independent_computation(reference, ade, tmp_path):
     final, log = json.loads((reference / "per_class_iou.json").read_text()), rows(reference, "eval")
     for name in ("best.safetensors", "last.safetensors"):
-        net, meta = sm.load_segmenter(reference / name)
+        net, meta = sa.load_segmenter(reference / name)
         pairs = predictions(net, ade, 128)
         ref = numpy_metrics(pairs)
         row = next(r for r in log if r["step"] == int(meta["step"]))
@@ -185,7 +187,7 @@ def test_logged_miou_equals_an_independent_computation(reference, ade, tmp_path)
                     "--out-dir", tmp_path / "pred"], check=False)
     assert proc.returncode == 1 and "broken.jpg" in proc.stderr and "1 of 8 images" in proc.stderr
     paths = sorted((ade / "images" / "validation").iterdir())
-    for path, (pred, _) in zip(paths, predictions(sm.load_segmenter(reference / "best.safetensors")[0], ade, 128)):
+    for path, (pred, _) in zip(paths, predictions(sa.load_segmenter(reference / "best.safetensors")[0], ade, 128)):
         mask = np.asarray(Image.open(tmp_path / "pred" / f"{path.stem}.png"))
         assert mask.shape == pred.shape and (mask == pred).mean() > 0.999
         assert Image.open(tmp_path / "pred" / f"{path.stem}_overlay.png").size == Image.open(path).size
@@ -198,11 +200,11 @@ def final_best(out: Path) -> float:
 def test_transformers_export_matches(reference, tmp_path, capsys):
     from transformers import AutoModelForSemanticSegmentation
 
-    sm.export_main(["--checkpoint", str(reference), "--out", str(tmp_path / "hf"), "--format", "transformers"])
+    hub.main(["export", "--checkpoint", str(reference), "--out", str(tmp_path / "hf"), "--format", "transformers"])
     assert "model.safetensors" in capsys.readouterr().out and (tmp_path / "hf" / "README.md").is_file()
     hf = AutoModelForSemanticSegmentation.from_pretrained(str(tmp_path / "hf")).eval()
     assert hf.config.id2label == {0: "class 0", 1: "class 1", 2: "class 2"}
-    net, _ = sm.load_segmenter(reference / "best.safetensors")
+    net, _ = sa.load_segmenter(reference / "best.safetensors")
     x = torch.randn(2, 3, 128, 160)
     with torch.no_grad():
         assert (hf(pixel_values=x).logits - net(pixel_values=x).logits).abs().max() <= 1e-4
@@ -243,7 +245,7 @@ def test_two_processes_count_each_image_once(ade, pretrained, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = yaml.safe_load((tmp_path / "final.yaml").read_text())
     assert final["world_size"] == 2 and final["ranks_identical"] is True and final["val_images"] == 7
-    ref = numpy_metrics(predictions(sm.load_segmenter(tmp_path / "last.safetensors")[0], ade, 64))
+    ref = numpy_metrics(predictions(sa.load_segmenter(tmp_path / "last.safetensors")[0], ade, 64))
     labelled = sum(int((np.asarray(Image.open(p)) != 0).sum()) for p in (ade / "annotations" / "validation").iterdir())
     assert final["val_pixels"] == ref["pixels"] == labelled
     assert round(final["mIoU"], 2) == round(ref["mIoU"], 2)

@@ -17,8 +17,11 @@ from PIL import Image
 
 import fcmae
 from fcmae.data import segmentation as seg
-from fcmae.tasks import segment_model as sm
-from fcmae.tasks import segment_predict as sp
+from fcmae.tasks.segment import artifact as sa
+from fcmae.tasks.segment import evaluation as se
+from fcmae.tasks.segment import model as sm
+from fcmae.tasks.segment import predict as sp
+from fcmae.training.optim import param_groups, set_lr
 
 COLOURS = {1: (220, 40, 40), 2: (40, 200, 40), 3: (40, 40, 220)}
 SIZES = [(96, 128), (128, 96), (80, 120), (112, 112), (96, 128), (100, 140), (90, 120), (128, 128)]
@@ -140,7 +143,8 @@ def test_loss_is_transformers_loss_rescaled_to_all_pixels():
 
 def test_layer_decay_by_hand_for_atto(atto):
     d = 0.9
-    groups = sm.param_groups(atto, lr=1e-3, weight_decay=0.05, layer_decay=d)
+    groups = param_groups(atto, 0.05, sm.lr_scale(atto, d, "single"))
+    set_lr(SimpleNamespace(param_groups=groups), 1e-3)  # what every step does: lr x the group's scale
     by_param = {id(p): g for g in groups for p in g["params"]}
     names = dict(atto.named_parameters())
     assert len(by_param) == len(names) == sum(len(g["params"]) for g in groups)
@@ -162,7 +166,7 @@ def test_layer_decay_by_hand_for_atto(atto):
     for name in (f"{b}.0.layers.0.pwconv1.weight", "decode_head.bottleneck.conv.weight"):
         assert group(name)["weight_decay"] == 0.05, name
     # mmseg stage_wise, num_layers 6 (stage 3 has at most 9 blocks): stem/downsample d^7, stage i d^(6-i)
-    stage = {id(p): g["lr_scale"] for g in sm.param_groups(atto, 1e-3, 0.05, d, "stage") for p in g["params"]}
+    stage = {id(p): g["lr_scale"] for g in param_groups(atto, 0.05, sm.lr_scale(atto, d, "stage")) for p in g["params"]}
     expect = {"backbone.embeddings.patch_embeddings.weight": d ** 7, f"{b}.2.downsampling_layer.1.weight": d ** 7,
               f"{b}.0.layers.1.pwconv1.weight": d ** 6, f"{b}.3.layers.0.dwconv.weight": d ** 3,
               "decode_head.classifier.weight": 1.0}
@@ -188,10 +192,10 @@ def test_segmentation_schedule_is_mmseg_poly_by_hand():
 
 def test_slide_equals_whole_when_the_crop_covers_the_image(atto):
     x = torch.randn(2, 3, 64, 96)
-    whole = sp.predict_logits(atto, x)
-    assert torch.equal(sp.predict_logits(atto, x, mode="slide", crop=128, stride=64), whole)
+    whole = se.predict_logits(atto, x)
+    assert torch.equal(se.predict_logits(atto, x, mode="slide", crop=128, stride=64), whole)
     stub = Pointwise()  # position-free: every overlapping window gives each pixel the same logits
-    torch.testing.assert_close(sp.predict_logits(stub, x, mode="slide", crop=(32, 40), stride=(20, 24)),
+    torch.testing.assert_close(se.predict_logits(stub, x, mode="slide", crop=(32, 40), stride=(20, 24)),
                                stub(x).logits)
 
 
@@ -202,10 +206,10 @@ def test_flip_and_multi_scale_average_probabilities():
     ramp = torch.linspace(-3, 3, 48) * torch.arange(4)[:, None, None]
     # the mirrored view sees the ramp reversed; its probabilities are mirrored back before averaging
     expect = (torch.softmax(base + ramp, 1) + torch.softmax(base + ramp.flip(-1), 1)) / 2
-    torch.testing.assert_close(sp.predict_logits(stub, x, flip=True), expect)
+    torch.testing.assert_close(se.predict_logits(stub, x, flip=True), expect)
     const = Pointwise()
     const.w = torch.zeros(4, 3, 1, 1)
-    out = sp.predict_logits(const, x, ms_ratios=(0.5, 1.0, 1.5), flip=True, out_size=(40, 60))
+    out = se.predict_logits(const, x, ms_ratios=(0.5, 1.0, 1.5), flip=True, out_size=(40, 60))
     torch.testing.assert_close(out, torch.full((1, 4, 40, 60), 0.25))
 
 
@@ -217,13 +221,13 @@ def test_metrics_match_torchmetrics_and_brute_force():
     label = torch.randint(0, 3, (2, 16, 16), generator=g)
     label[torch.rand(label.shape, generator=g) < 0.2] = 255
     pred = torch.randint(0, 4, (2, 16, 16), generator=g)
-    conf = sp.confusion_matrix(pred, label, k)
+    conf = se.confusion_matrix(pred, label, k)
     brute = np.zeros((k, k), np.int64)
     for t, p in zip(label.flatten().tolist(), pred.flatten().tolist()):
         if t != 255:
             brute[t, p] += 1
     assert np.array_equal(conf.numpy(), brute)
-    m = sp.seg_metrics(conf)
+    m = se.seg_metrics(conf)
     iou_tm = MulticlassJaccardIndex(k, ignore_index=255, average=None, zero_division=float("nan"))(pred, label) * 100
     np.testing.assert_allclose(m["IoU"], iou_tm.numpy(), rtol=1e-5)
     assert m["mIoU"] == pytest.approx(MulticlassJaccardIndex(k, ignore_index=255)(pred, label).item() * 100, rel=1e-5)
@@ -244,7 +248,7 @@ def test_metrics_after_reduce_zero_label_match_torchmetrics_on_raw_labels():
     reduced = seg.decode_label({"bytes": _png(raw), "path": None}, 3, True, "x")
     assert np.array_equal(reduced, np.where((raw == 0) | (raw == 255), 255, raw - 1))
     pred = torch.from_numpy(rng.integers(0, 3, (24, 24)))
-    m = sp.seg_metrics(sp.confusion_matrix(pred, torch.from_numpy(reduced).long(), 3))
+    m = se.seg_metrics(se.confusion_matrix(pred, torch.from_numpy(reduced).long(), 3))
     raw_t = torch.from_numpy(raw.astype(np.int64)).masked_fill(torch.from_numpy(raw == 255), 0)
     tm = MulticlassJaccardIndex(4, ignore_index=0, average=None)(pred + 1, raw_t)[1:] * 100
     np.testing.assert_allclose(m["IoU"], tm.numpy(), rtol=1e-5)
@@ -254,7 +258,7 @@ def test_confusion_matrix_makes_no_host_reads():
     pred = torch.empty(2, 32, 32, dtype=torch.long, device="meta")
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch.bincount(pred.flatten())  # the instrument: bincount reads the input's range on the host
-    assert sp.confusion_matrix(pred, pred, 150).shape == (150, 150)
+    assert se.confusion_matrix(pred, pred, 150).shape == (150, 150)
 
 
 # ----------------------------------------------------------------------------- export and checkpoints
@@ -263,7 +267,7 @@ def test_export_loads_in_transformers_with_the_same_logits(atto, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     names = ["sky", "tree", "road"]
-    sm.export_transformers(atto, tmp_path / "hf", names, 64)
+    sa.export_transformers(atto, tmp_path / "hf", names, 64)
     hf = AutoModelForSemanticSegmentation.from_pretrained(str(tmp_path / "hf")).eval()
     assert type(hf).__name__ == "UperNetForSemanticSegmentation" and hf.config.id2label == dict(enumerate(names))
     x = torch.randn(1, 3, 64, 96)
@@ -279,43 +283,47 @@ def test_export_loads_in_transformers_with_the_same_logits(atto, tmp_path):
 def test_segmenter_checkpoint_round_trip(atto, tmp_path):
     from safetensors.torch import save_file
 
-    meta = sm.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32)
+    meta = sa.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32)
     save_file(atto.state_dict(), str(tmp_path / "best.safetensors"), metadata=meta)
-    net, got = sm.load_segmenter(tmp_path / "best.safetensors")
+    net, got = sa.load_segmenter(tmp_path / "best.safetensors")
     assert json.loads(got["class_names"]) == ["a", "b", "c"] and got["input_size"] == "64"
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(net(pixel_values=x).logits, atto(pixel_values=x).logits)
-    assert sm.load_segmenter(tmp_path)[1]["model"] == "convnextv2_atto"  # a run directory: its best.safetensors
-    assert sm.is_segmenter(tmp_path) and sm.is_segmenter(tmp_path / "best.safetensors")
+    assert sa.load_segmenter(tmp_path)[1]["model"] == "convnextv2_atto"  # a run directory: its best.safetensors
+    assert sa.is_segmenter(tmp_path) and sa.is_segmenter(tmp_path / "best.safetensors")
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "fcmae-classifier"})
-    assert not any(sm.is_segmenter(s) for s in (tmp_path / "other.safetensors", tmp_path / "nothing", "hf-hub:a/b"))
+    assert not any(sa.is_segmenter(s) for s in (tmp_path / "other.safetensors", tmp_path / "nothing", "hf-hub:a/b"))
     with pytest.raises(ValueError, match="not a fine-tuned fcmae segmenter"):
-        sm.load_segmenter(tmp_path / "other.safetensors")
+        sa.load_segmenter(tmp_path / "other.safetensors")
 
 
 def test_export_segmenter_writes_only_into_an_export_folder(atto, tmp_path):
     from safetensors.torch import save_file
 
-    meta = sm.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=51.234, step=7)
+    meta = sa.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=51.234, step=7)
     save_file(atto.state_dict(), str(tmp_path / "best.safetensors"), metadata=meta)
-    out = sm.export_segmenter(tmp_path, tmp_path / "hub", repo_id="me/seg", datasets=["me/data"])
+    out = sa.export_segmenter(tmp_path, tmp_path / "hub", repo_id="me/seg", datasets=["me/data"])
     card = (out / "README.md").read_text()
     assert "mIoU 51.23 (step 7" in card and 'from_pretrained("me/seg")' in card and "datasets: [me/data]" in card
-    assert sorted(p.name for p in out.iterdir()) == sorted(sm.EXPORT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(sa.EXPORT_FILES)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        sm.export_segmenter(tmp_path, out)
-    sm.export_segmenter(tmp_path, out, overwrite=True)
+        sa.export_segmenter(tmp_path, out)
+    sa.export_segmenter(tmp_path, out, overwrite=True)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):
-        sm.export_segmenter(tmp_path, out, overwrite=True)
+        sa.export_segmenter(tmp_path, out, overwrite=True)
     with pytest.raises(ValueError, match="own directory"):
-        sm.export_segmenter(tmp_path / "best.safetensors", tmp_path)
-    from fcmae import hub
+        sa.export_segmenter(tmp_path / "best.safetensors", tmp_path)
+    from fcmae.cli.predict import checkpoint_of
+    from fcmae.weights.artifacts import identify
 
-    def is_segmenter_export(argv):  # the dispatch of python -m fcmae.hub
-        checkpoint = hub.export_checkpoint(argv)
-        return checkpoint is not None and sm.is_segmenter(checkpoint)
+    def is_segmenter_export(argv):  # the dispatch of fcmae export: the kind of its --checkpoint
+        checkpoint = checkpoint_of(argv[1:]) if argv[0] == "export" else None
+        try:
+            return checkpoint is not None and identify(checkpoint).kind.name == "segmenter"
+        except (ValueError, FileNotFoundError):
+            return False
 
     assert is_segmenter_export(["export", "--out", "x", "--checkpoint", str(tmp_path)])
     assert is_segmenter_export(["export", f"--checkpoint={tmp_path / 'best.safetensors'}", "--out", "x"])
@@ -326,14 +334,15 @@ def test_export_segmenter_writes_only_into_an_export_folder(atto, tmp_path):
 def test_push_to_hub_exports_the_best_segmenter(atto, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from fcmae.tasks import segment
+    from fcmae.training.run import Run
+    from fcmae.weights import hub
 
     save_file(atto.state_dict(), str(tmp_path / "best.safetensors"),
-              metadata=sm.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=40.0, step=3))
+              metadata=sa.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=40.0, step=3))
     pushed = []
-    monkeypatch.setattr(segment, "push", lambda folder, repo, private: pushed.append((folder, repo, private)) or "url")
+    monkeypatch.setattr(hub, "push", lambda folder, repo, private, **kw: pushed.append((folder, repo, private)) or "url")
     cfg = SimpleNamespace(push_to_hub="me/seg", hub_private=True, dataset_name="me/ade")
-    segment.publish(SimpleNamespace(cfg=cfg, out=tmp_path, is_main=True, say=print))
+    Run.push(SimpleNamespace(cfg=cfg, out=tmp_path, is_main=True, say=print), tmp_path)
     assert pushed == [(tmp_path / "hub", "me/seg", True)]
     assert "datasets: [me/ade]" in (tmp_path / "hub" / "README.md").read_text()
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}

@@ -70,7 +70,7 @@ def test_narrow_encoder_has_no_graph_breaks():
         assert torch.isfinite(loss)
 
 
-PER_STEP_CODE = [PKG / "tasks" / "pretrain.py", *PKG.glob("training/*.py"), *PKG.glob("sparse/*.py"),
+PER_STEP_CODE = [*PKG.glob("tasks/pretrain/*.py"), *PKG.glob("training/*.py"), *PKG.glob("sparse/*.py"),
                  *PKG.glob("models/*.py")]
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 

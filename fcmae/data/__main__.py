@@ -1,44 +1,31 @@
 """Data utilities from the command line.
 
-    python -m fcmae.data stats DIR [--channel-axis last|first] [--sample 1000] [--seed 0]
+    fcmae data stats DIR [--channel-axis last|first] [--sample 1000] [--seed 0]
+    fcmae data pack SRC --out DIR [--shard-size 512MB] [--format parquet|webdataset] [--workers N]
+    fcmae data verify DIR
 
-prints the per-channel mean and std of the .npy / .tif / .tiff arrays or images under DIR (searched
-recursively, following symbolic links), as YAML and as flags to paste into a training command. Values
-are in the units the transforms normalise: integer types scaled to [0, 1], floats as stored.
-A user error (no such folder, no files) exits with status 2 and one line.
+stats prints the per-channel mean and std of the .npy / .tif / .tiff arrays or images under DIR
+(searched recursively, following symbolic links), as YAML and as flags to paste into a training
+command. Values are in the units the transforms normalise: integer types scaled to [0, 1], floats as
+stored. pack turns an image folder into parquet or webdataset shards with a manifest
+(fcmae.data.pack); verify checks a packed folder's shards against its manifest and names the damaged
+ones. ``python -m fcmae.data`` is the same command. A user error (no such folder, no files) exits
+with status 2 and one line.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
 from .arrays import ARRAY_EXTENSIONS, CHANNEL_AXES, channel_summary
+from .listing import files_under
 
 
 def list_files(root: str, extensions: tuple[str, ...]) -> list[str]:
     """Files under root whose names end with one of extensions (any case), recursively, following
-    symbolic links (each real folder once, so a link loop ends), sorted by path."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root!r} is not a folder; give the folder that holds the arrays or images.")
-    found, seen, todo = [], set(), [root]
-    while todo:
-        folder = todo.pop()
-        real = os.path.realpath(folder)
-        if real in seen:
-            continue
-        seen.add(real)
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue  # hidden files and folders (.git, .cache) hold no samples, as datasets skips them
-                if entry.is_dir(follow_symlinks=True):
-                    if not entry.name.startswith("__"):  # __MACOSX, __pycache__: skipped by datasets too
-                        todo.append(entry.path)
-                elif entry.is_file(follow_symlinks=True) and entry.name.lower().endswith(extensions):
-                    found.append(entry.path)
-    return sorted(found)
+    symbolic links, sorted by path (fcmae.data.listing.files_under)."""
+    return files_under(root, extensions)
 
 
 def _stats(args) -> None:
@@ -62,11 +49,11 @@ def _stats(args) -> None:
     print(f"# flags: --mean {fmt(s.mean).replace(' ', '')} --std {fmt(s.std).replace(' ', '')}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fcmae.data", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m fcmae.data") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", help="per-channel mean and std of a folder of arrays or images")
+    stats = commands.add_parser("stats", allow_abbrev=False, help="per-channel mean and std of a folder of arrays or images")
     stats.add_argument("dir")
     stats.add_argument("--channel-axis", choices=CHANNEL_AXES, default="last",
                        help="where .npy files (and TIFFs stored as page stacks) hold the channels (default: last)")
@@ -74,7 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
     stats.add_argument("--max-bad-fraction", type=float, default=0.01,
                        help="fraction of unreadable files allowed (default: 0.01)")
+    from . import pack
+
+    pack.add_pack_arguments(commands.add_parser("pack", allow_abbrev=False, help="an image folder -> parquet / webdataset shards + manifest"))
+    check = commands.add_parser("verify", allow_abbrev=False, help="check a packed folder's shards against its manifest")
+    check.add_argument("dir")
     args = parser.parse_args(argv)
+    if args.command == "pack":
+        return pack.run_pack(args)
+    if args.command == "verify":
+        return pack.verify_main([args.dir])
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line per skipped file
     try:
         _stats(args)

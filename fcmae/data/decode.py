@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 from datasets.utils.file_utils import xopen
@@ -50,3 +52,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError:  # modes without a direct route (e.g. La) go through RGBA
         return image.convert("RGBA").convert("RGB")
+
+
+def image_paths(items, extensions=None) -> list[Path]:
+    """The files given, and the images (or ``extensions`` files) under the folders given (links
+    followed, sorted), in the order given: what the prediction and embedding commands read."""
+    from .listing import IMAGE_EXTENSIONS, files_under
+
+    extensions = tuple(extensions or IMAGE_EXTENSIONS)
+    return [Path(p) for item in map(str, items)
+            for p in (files_under(item, extensions) if os.path.isdir(item) else [item])]
+
+
+def read_images(paths, reader=decode_rgb):
+    """(readable images with their paths, [(path, reason)] for those that could not be read)."""
+    good, failed = [], []
+    for path in paths:
+        try:
+            good.append((path, reader(str(path))))
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+            failed.append((path, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
+    return good, failed
+
+
+def report_unreadable(failed, total: int) -> int:
+    """Name each unreadable file with its reason on stderr; the exit status (1 if any failed)."""
+    import sys
+
+    for path, reason in failed:
+        print(f"error: cannot read {path}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {total} images could not be read.", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,5 +1,6 @@
 """Detection data in COCO format: checked annotations, targets for torchvision's Mask R-CNN, seeded
-scale jitter and flips, a Hub adapter, and COCO evaluation with pycocotools.
+scale jitter and flips, and a Hub adapter (COCO evaluation is the detection task's:
+fcmae.tasks.detect.evaluation).
 
 Conventions:
 - Category ids in a file may be sparse (COCO's 80 of 1..90); the model sees labels 1..K in id
@@ -16,11 +17,9 @@ Conventions:
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,6 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
@@ -39,7 +36,6 @@ from .samples import sample_seed
 
 log = logging.getLogger(__name__)
 
-METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")  # COCOeval stats[0:6], mmdetection's names
 MIN_BOX = 1.0  # px, after clipping (mmdetection's CocoDataset skips w < 1 or h < 1)
 MIN_AUG_BOX = 1e-2  # px, after jitter and crop (mmdetection's FilterAnnotations in its ConvNeXt-V2 config)
 JITTERS = ("multiscale", "lsj")
@@ -215,16 +211,16 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     ``coco``: a dict from ``load_coco`` or ``coco_from_hub``; images are read from
     ``image_dir / file_name`` or, with ``hf``, from row ``row`` of that dataset's ``image`` column.
-    ``train``: targets with masks and seeded jitter (``jitter`` 'multiscale' or 'lsj' at
-    ``input_size``); otherwise the original image with boxes and labels only.
+    ``train``: targets with masks and seeded jitter (``jitter`` 'multiscale' or 'lsj' at ``scale``: the
+    largest short side, or the crop); otherwise the original image with boxes and labels only.
     """
 
-    def __init__(self, coco: dict, image_dir=None, hf=None, train: bool = True, input_size: int = 800,
+    def __init__(self, coco: dict, image_dir=None, hf=None, train: bool = True, scale: int = 800,
                  jitter: str = "multiscale", masks: bool = True, seed: int = 0):
         if jitter not in JITTERS:
             raise ValueError(f"jitter must be one of {JITTERS}; got {jitter!r}.")
-        self.coco, self.train, self.input_size, self.jitter, self.masks, self.seed, self.epoch = (
-            coco, train, input_size, jitter, masks, seed, 0)
+        self.coco, self.train, self.scale, self.jitter, self.masks, self.seed, self.epoch = (
+            coco, train, scale, jitter, masks, seed, 0)
         self.categories = CategoryMap.from_categories(coco["categories"])
         self.images = list(coco["images"])
         self.image_dir, self.hf = (Path(image_dir) if image_dir is not None else None), hf
@@ -279,32 +275,32 @@ class DetectionDataset(torch.utils.data.Dataset):
             target["masks"] = torch.from_numpy(np.stack([ann_to_mask(s, h, w) for s in segms])
                                                if segms else np.zeros((0, h, w), np.uint8))
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
-        return jitter_and_flip(image, target, rng, self.input_size, self.jitter)
+        return jitter_and_flip(image, target, rng, self.scale, self.jitter)
 
 
-def jitter_and_flip(image, target, rng: np.random.Generator, input_size: int, jitter: str = "multiscale"):
+def jitter_and_flip(image, target, rng: np.random.Generator, scale: int, jitter: str = "multiscale"):
     """Scale jitter and a horizontal flip on an image (3, H, W) and its target, drawn from ``rng``.
 
-    'multiscale' (ConvNeXt's official Mask R-CNN recipe, scaled to ``input_size`` S): short side one
+    'multiscale' (ConvNeXt's official Mask R-CNN recipe, scaled to ``scale`` S): short side one
     of S * {480, 512, ..., 800} / 800, long side at most S * 1333 / 800. 'lsj' (large-scale jitter,
     mmdetection's ConvNeXt-V2 config): fit in S x S times a ratio in [0.1, 2.0], then a random
     S x S crop (boxes clipped to it, those cut away dropped). Flip with probability 0.5.
     """
     h, w = image.shape[-2:]
     if jitter == "multiscale":
-        short = input_size * rng.choice(np.arange(480, 801, 32)) / 800
-        scale = min(short / min(h, w), input_size * 1333 / 800 / max(h, w))
+        short = scale * rng.choice(np.arange(480, 801, 32)) / 800
+        factor = min(short / min(h, w), scale * 1333 / 800 / max(h, w))
     else:
-        scale = rng.uniform(0.1, 2.0) * input_size / max(h, w)
-    size = [max(1, round(h * scale)), max(1, round(w * scale))]
+        factor = rng.uniform(0.1, 2.0) * scale / max(h, w)
+    size = [max(1, round(h * factor)), max(1, round(w * factor))]
     boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w))
     masks = tv_tensors.Mask(target["masks"]) if "masks" in target else None
     image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
     masks = F.resize(masks, size) if masks is not None else None
-    if jitter == "lsj" and max(size) > input_size:
-        top = int(rng.integers(0, max(size[0] - input_size, 0) + 1))
-        left = int(rng.integers(0, max(size[1] - input_size, 0) + 1))
-        crop = (top, left, min(size[0], input_size), min(size[1], input_size))
+    if jitter == "lsj" and max(size) > scale:
+        top = int(rng.integers(0, max(size[0] - scale, 0) + 1))
+        left = int(rng.integers(0, max(size[1] - scale, 0) + 1))
+        crop = (top, left, min(size[0], scale), min(size[1], scale))
         image, boxes = F.crop(image, *crop), F.crop(boxes, *crop)  # boxes clamped to the crop
         masks = F.crop(masks, *crop) if masks is not None else None
     if rng.random() < 0.5:
@@ -320,68 +316,3 @@ def jitter_and_flip(image, target, rng: np.random.Generator, input_size: int, ji
 def collate(batch):
     """(list of images, list of targets): torchvision's detection models take lists."""
     return tuple(list(x) for x in zip(*batch)) if batch else ([], [])
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def coco_results(outputs, image_ids, label_to_cat: dict[int, int], masks: bool = True) -> tuple[list, list]:
-    """COCO results (bbox, segm) from torchvision's eval outputs (boxes xyxy in original image
-    coordinates, labels, scores, masks (N, 1, H, W) probabilities). Boxes become x, y, w, h;
-    labels the original category ids; masks are thresholded at 0.5 (torchvision's references and
-    mmdetection) and RLE-encoded with string counts, ready for JSON."""
-    bbox, segm = [], []
-    for out, image_id in zip(outputs, image_ids):
-        boxes = out["boxes"].detach().float().cpu()
-        boxes[:, 2:] -= boxes[:, :2]
-        scores = out["scores"].detach().float().cpu().tolist()
-        cats = [label_to_cat[int(label)] for label in out["labels"]]
-        for b, s, c in zip(boxes.tolist(), scores, cats):
-            bbox.append({"image_id": int(image_id), "category_id": c, "bbox": b, "score": s})
-        if masks and "masks" in out and len(cats):
-            binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-            for rle, s, c in zip(mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))), scores, cats):
-                rle["counts"] = rle["counts"].decode("ascii")
-                segm.append({"image_id": int(image_id), "category_id": c, "segmentation": rle, "score": s})
-    return bbox, segm
-
-
-def as_coco(gt) -> COCO:
-    """A pycocotools COCO from a COCO object, a dict or a path (its index printout silenced)."""
-    if isinstance(gt, COCO):
-        return gt
-    coco = COCO()
-    coco.dataset = {k: v for k, v in load_coco(gt if isinstance(gt, dict) else os.fspath(gt)).items()}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def coco_evaluate(gt, bbox_results: list | None, segm_results: list | None = None,
-                  image_ids=None) -> dict[str, float]:
-    """pycocotools COCOeval of the results against ``gt`` (COCO, dict or path): ``bbox_mAP``,
-    ``bbox_mAP_50``, ``_75``, ``_s``, ``_m``, ``_l`` and the same for ``segm_`` (fractions; -1
-    where the ground truth has nothing to find, as pycocotools). ``None`` skips a type; an empty
-    list scores 0. ``image_ids`` limits the evaluation to those images (default: all)."""
-    coco_gt = as_coco(gt)
-    metrics = {}
-    for iou_type, results in (("bbox", bbox_results), ("segm", segm_results)):
-        if results is None:
-            continue
-        text = io.StringIO()
-        with contextlib.redirect_stdout(text):
-            if results:  # loadRes adds keys to the dicts it is given: hand it copies
-                coco_dt = coco_gt.loadRes([dict(r) for r in results])
-            else:  # loadRes fails on an empty list; an empty result set scores 0 where there is ground truth
-                coco_dt = COCO()
-                coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                                   "annotations": []}
-                coco_dt.createIndex()
-            ev = COCOeval(coco_gt, coco_dt, iou_type)
-            if image_ids is not None:
-                ev.params.imgIds = sorted({int(i) for i in image_ids})
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        log.info("COCO %s:\n%s", iou_type, text.getvalue().split("DONE")[-1].strip())
-        metrics.update({f"{iou_type}_{m}": float(s) for m, s in zip(METRICS, ev.stats[:6])})
-    return metrics

@@ -3,8 +3,7 @@
 N-channel data (``cfg.in_chans`` not 3: .npy or multi-band TIFF files, fcmae.data.arrays) gets the
 geometric part of the recipe only: RandomResizedCrop, flip, RandomErasing (``--reprob``). RandAugment
 (``--aa``) and colour jitter are defined on RGB values: for arrays they are skipped, with a warning.
-The config is read with getattr defaults (in_chans 3, mean/std ImageNet's, channel_axis 'last'), so
-small configs such as the k-NN monitor's need not name them.
+Every function reads a ``DataConfig`` (the same one every task and the k-NN monitor use).
 
 Sources: a local folder with ``train/`` and ``val/`` (or ``validation/``) class sub-folders, or
 parquet/arrow split files with a label column; or a Hugging Face Hub dataset with a label column.
@@ -25,8 +24,9 @@ import torch
 from datasets import ClassLabel
 
 from .arrays import Reader
+from .config import DataConfig
 from .listing import class_labels, local_files
-from .loaders import EpochLoader, epoch_loader
+from .loaders import EpochLoader, epoch_loader, resolve_workers
 from .samples import ImageSamples
 from .sources import folder_dataset, image_column, is_local, load_hub
 from .transforms import by_input, eval_transform  # noqa: F401 - eval_transform: imported from here too
@@ -38,7 +38,7 @@ def _split_name(split: str) -> str:
     return "validation" if split == "val" else split  # datasets names a val/ folder 'validation'
 
 
-def load_splits(cfg, with_train: bool = True) -> tuple[datasets.Dataset | None, datasets.Dataset, str]:
+def load_splits(cfg: DataConfig, with_train: bool = True) -> tuple[datasets.Dataset | None, datasets.Dataset, str]:
     """(train, val, source description) from ``cfg.data`` / ``cfg.dataset_name``. ``with_train=False``
     (evaluation only) reads the validation split alone; train is then None."""
     if bool(cfg.data) == bool(cfg.dataset_name):
@@ -72,9 +72,9 @@ def _label_column(ds: datasets.Dataset, requested: str | None, source: str) -> s
                              "Name it with --label-column.")
         return requested
     typed = [c for c, f in ds.features.items() if isinstance(f, ClassLabel)]
-    found = (typed + [c for c in ("label", "labels", "target") if c in columns] + [None])[0]
+    found = (typed + [c for c in ("label", "labels", "target", "cls") if c in columns] + [None])[0]  # cls: webdataset
     if found is None:
-        raise ValueError(f"{source!r} has no ClassLabel column and no column named label/labels/target. "
+        raise ValueError(f"{source!r} has no ClassLabel column and no column named label/labels/target/cls. "
                          f"Available columns: {columns}. Name the label column with --label-column.")
     return found
 
@@ -107,7 +107,10 @@ def labels_and_names(train: datasets.Dataset, val: datasets.Dataset, column: str
 
 class LabelledImages(ImageSamples, torch.utils.data.Dataset):
     """``ds[(index, epoch)]`` or ``ds[index]`` -> (image (C, S, S), label, ok); C is the reader's
-    channel count (3 for images)."""
+    channel count (3 for images). Training samples with ``with_index``: (image, label, ok, index), the
+    index keying the sample's drop path."""
+
+    with_index = False
 
     def __init__(self, hf, labels, transform, seed=0, max_bad_fraction=0.01, train=True, input_size=224,
                  reader: Reader | None = None):
@@ -124,10 +127,11 @@ class LabelledImages(ImageSamples, torch.utils.data.Dataset):
             return torch.zeros(self.reader.in_chans, self.input_size, self.input_size), self.labels[index], False
         if not self.train:
             return self.transform(image), self.labels[source], ok
-        return self.augment(image, epoch, index), self.labels[source], ok
+        out = self.augment(image, epoch, index), self.labels[source], ok
+        return (*out, index) if self.with_index else out
 
 
-def load_labelled(cfg, with_train: bool = True):
+def load_labelled(cfg: DataConfig, with_train: bool = True):
     """(train, train labels, val, val labels, class names); the datasets hold one column, 'image'.
     With ``with_train=False`` train may be None (see ``load_splits``)."""
     train, val, source = load_splits(cfg, with_train)
@@ -140,31 +144,34 @@ def load_labelled(cfg, with_train: bool = True):
     return train, train_labels, val, val_labels, names
 
 
-def channels(cfg) -> tuple[Reader, list[float] | None, list[float] | None]:
-    """(reader, mean, std) of a config: its in_chans / channel_axis / mean / std, or the RGB defaults."""
-    reader = Reader(getattr(cfg, "in_chans", 3), getattr(cfg, "channel_axis", "last"))
-    return reader, getattr(cfg, "mean", None), getattr(cfg, "std", None)
+def _reader(cfg: DataConfig) -> Reader:
+    return Reader(cfg.in_chans, cfg.channel_axis)
 
 
-def build_train_loader(cfg, train, labels, world_size: int = 1, pin_memory: bool = False) -> EpochLoader:
-    """An ``EpochLoader`` over an ``EpochSampler`` (call ``set_epoch``), full batches only."""
-    if len(train) // world_size // cfg.batch_size == 0:
-        raise ValueError(f"{len(train)} training images are too few for batch size {cfg.batch_size} on {world_size} "
+def build_train_loader(cfg: DataConfig, train, labels, batch_size: int, seed: int = 0, aa: str | None = None,
+                       reprob: float = 0.0, color_jitter: float | None = None, world_size: int = 1,
+                       pin_memory: bool = False, with_index: bool = False) -> EpochLoader:
+    """An ``EpochLoader`` over an ``EpochSampler`` (call ``set_epoch``), full batches only, with timm's
+    training transform (``aa``: RandAugment, ``reprob``: RandomErasing, ``color_jitter`` without aa).
+    ``with_index``: batches also hold each sample's index (the key of its drop path)."""
+    if len(train) // world_size // batch_size == 0:
+        raise ValueError(f"{len(train)} training images are too few for batch size {batch_size} on {world_size} "
                          "process(es) (batches are full, the incomplete last one is dropped). Lower --batch-size.")
-    reader, mean, std = channels(cfg)
-    if reader.arrays and (cfg.aa or cfg.color_jitter):
-        warnings.warn(f"--in-chans {reader.in_chans}: --aa {cfg.aa} and --color-jitter {cfg.color_jitter} apply to RGB "
+    reader = _reader(cfg)
+    if reader.arrays and (aa or color_jitter):
+        warnings.warn(f"--in-chans {reader.in_chans}: --aa {aa} and --color-jitter {color_jitter} apply to RGB "
                       "images only; arrays get RandomResizedCrop, flip and RandomErasing (--reprob).", stacklevel=2)
-    tf = by_input("train", cfg.input_size, mean, std, aa=cfg.aa, reprob=cfg.reprob, color_jitter=cfg.color_jitter)
-    ds = LabelledImages(train, labels, tf, cfg.seed, cfg.max_bad_fraction, True, cfg.input_size, reader)
-    return epoch_loader(ds, cfg.batch_size, cfg.num_workers, cfg.seed, pin_memory)
+    tf = by_input("train", cfg.input_size, cfg.mean, cfg.std, aa=aa, reprob=reprob, color_jitter=color_jitter)
+    ds = LabelledImages(train, labels, tf, seed, cfg.max_bad_fraction, True, cfg.input_size, reader)
+    ds.with_index = with_index
+    return epoch_loader(ds, batch_size, resolve_workers(cfg.num_workers), seed, pin_memory)
 
 
-def build_val_loader(cfg, val, labels, pin_memory: bool = False):
+def build_val_loader(cfg: DataConfig, val, labels, batch_size: int, crop_pct: float | None = None,
+                     pin_memory: bool = False):
     """Every sample once, in order (``accelerator.prepare`` shards it; ``gather_for_metrics`` drops
-    the padding)."""
-    reader, mean, std = channels(cfg)
-    tf = by_input("eval", cfg.input_size, mean, std, crop_pct=cfg.crop_pct)
-    ds = LabelledImages(val, labels, tf, cfg.seed, cfg.max_bad_fraction, False, cfg.input_size, reader)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                       num_workers=cfg.num_workers, shuffle=False, pin_memory=pin_memory)
+    the padding), with the evaluation transform."""
+    tf = by_input("eval", cfg.input_size, cfg.mean, cfg.std, crop_pct=crop_pct)
+    ds = LabelledImages(val, labels, tf, 0, cfg.max_bad_fraction, False, cfg.input_size, _reader(cfg))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=resolve_workers(cfg.num_workers),
+                                       shuffle=False, pin_memory=pin_memory)

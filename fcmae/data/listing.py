@@ -24,9 +24,10 @@ IMAGE_EXTENSIONS = tuple(sorted(ImageFolder.EXTENSIONS))  # .tif/.tiff among the
 ARRAY_EXTENSIONS = (".npy",)  # N-channel arrays (fcmae.data.arrays); listed as images are: {'bytes': None, 'path'}
 SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
 TABLE_EXTENSIONS = (".parquet", ".arrow")
-BUILDERS = (("parquet", (".parquet",)), ("arrow", (".arrow",)), ("imagefolder", SAMPLE_EXTENSIONS))
+BUILDERS = (("parquet", (".parquet",)), ("arrow", (".arrow",)), ("webdataset", (".tar",)),  # .tar: webdataset shards
+            ("imagefolder", SAMPLE_EXTENSIONS))
 ACCEPTED = (f"image files ({' '.join(IMAGE_EXTENSIONS)}) or .npy arrays, flat or in class sub-folders, "
-            f"or {' / '.join(TABLE_EXTENSIONS)} files")
+            f"or {' / '.join(TABLE_EXTENSIONS)} / webdataset .tar files")
 RACY_NS = 2_000_000_000  # folder times closer than this to the listing may hide a later change (FAT: 2 s ticks)
 SHARDED = SPLIT_PATTERN_SHARDED.replace("{split}", "*")  # data/*-00000-of-00004.*: the split is the name's start
 _CACHE: dict[str, tuple[int, list, dict]] = {}  # root -> (listing start, [(folder, stat key)], splits)
@@ -52,6 +53,15 @@ def list_files(root: str) -> dict[str, list[str]]:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[root] = (started, folders, splits)
     return splits
+
+
+def files_under(root: str, extensions: tuple[str, ...] = SAMPLE_EXTENSIONS) -> list[str]:
+    """Every file under ``root`` whose name ends with one of ``extensions`` (any case), links followed
+    (each real folder once), hidden files and folders skipped, sorted by path."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root!r} is not a folder; give the folder that holds the images or arrays.")
+    files = _walk(os.path.abspath(os.path.expanduser(root)), once=True)[0]
+    return sorted(f for f in files if f.lower().endswith(extensions))
 
 
 def clear_cache() -> None:
@@ -101,15 +111,19 @@ def _folder_name(path):
 
 # ----------------------------------------------------------------------------- the walk
 
-def _walk(root):
+def _walk(root, once: bool = False):
     """(files, [(folder, stat key)]): every non-hidden file, and each folder read with its
-    (device, inode, mtime) to tell later whether the listing still holds."""
-    files, folders, broken = [], [], []
+    (device, inode, mtime) to tell later whether the listing still holds. ``once``: each real folder
+    is read once (a link loop or a second link to a folder is skipped) instead of a loop being an error."""
+    files, folders, broken, seen = [], [], [], set()
     stack = [(root, (), None)]  # (folder, (device, inode) of the folders above it, last link on the way)
     while stack:
         path, above, link = stack.pop()
         st = os.stat(path)  # follows links
         here = (st.st_dev, st.st_ino)
+        if once and here in seen:
+            continue
+        seen.add(here)
         if here in above:
             raise ValueError(f"Link loop: {link or path} leads back to {os.path.realpath(path)}, a folder that "
                              f"contains it, so the listing of {root} would never end. Remove the link or point it "

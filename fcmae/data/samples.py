@@ -139,7 +139,10 @@ class ImageSamples:
 
 
 class PretrainImages(ImageSamples, torch.utils.data.Dataset):
-    """Map-style: `ds[i]` or `ds[(i, epoch)]` -> (image, ok), augmented with seed (seed, epoch, i)."""
+    """Map-style: `ds[i]` or `ds[(i, epoch)]` -> (image, ok), augmented with seed (seed, epoch, i);
+    with ``with_index``, (image, ok, i): the sample's index keys its masks and drop path."""
+
+    with_index = False
 
     def __len__(self):
         return len(self.hf)
@@ -147,10 +150,13 @@ class PretrainImages(ImageSamples, torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = self.key(key)
         image, _, ok = self.read(index)
-        return self.augment(image, epoch, index), ok
+        out = self.augment(image, epoch, index), ok
+        return (*out, index) if self.with_index else out
 
 
 class StreamingPretrainImages(ImageSamples, torch.utils.data.IterableDataset):
+    with_index = False  # also yield each sample's position in the global stream
+
     """This rank's stream, cut into `num_batches` groups of `batch_size`. Worker w of W decodes
     the groups g with g % W == w. The DataLoader collects worker batches round-robin, so it
     returns the groups in stream order, whatever W. Each worker reads the whole stream but decodes
@@ -189,4 +195,5 @@ class StreamingPretrainImages(ImageSamples, torch.utils.data.IterableDataset):
             good = [self.reader.stand_in(self.input_size, self.mean)]
         for k, image in enumerate(images):
             index = (first + k) * self.world_size + self.rank  # position in the global stream
-            yield self.augment(good[k % len(good)] if image is None else image, self.epoch, index), image is not None
+            out = self.augment(good[k % len(good)] if image is None else image, self.epoch, index), image is not None
+            yield (*out, index) if self.with_index else out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -15,28 +14,10 @@ from datasets import ClassLabel, Features
 from datasets import Image as ImageFeature
 from datasets.table import InMemoryTable
 
+from .config import DataConfig
 from .listing import TABLE_EXTENSIONS, local_files
 
 DEMO_DIR = Path(__file__).parents[1] / "assets" / "demo"
-
-
-@dataclass
-class DataConfig:
-    data: str | None = None  # image folder, .parquet/.arrow file, folder or glob of them, or Hub id
-    dataset_name: str | None = None  # Hub dataset id (run_mae.py style); same as a Hub id in `data`
-    dataset_config_name: str | None = None
-    split: str = "train"
-    image_column: str | None = None  # None: first column of Image type, else 'image' or 'img'
-    streaming: bool = False
-    input_size: int = 224
-    max_bad_fraction: float = 0.01
-    cache_dir: str | None = None
-    num_examples: int | None = None  # streaming only, when the source cannot tell its own size
-    shuffle_buffer_size: int = 1000  # streaming only: examples held in each worker's buffer
-    in_chans: int = 3  # not 3: every file is an N-channel array (.npy, TIFF; fcmae.data.arrays)
-    mean: list[float] | None = None  # per-channel, in [0, 1] units; None: ImageNet's (RGB only)
-    std: list[float] | None = None
-    channel_axis: str = "last"  # .npy and TIFF page stacks: (H, W, N) 'last' or (N, H, W) 'first'
 
 
 def is_local(source: str) -> bool:
@@ -58,23 +39,23 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset | datasets.IterableDa
         raise ValueError("Give either data (a path or Hub id) or dataset_name, not both.")
     source = os.fspath(cfg.dataset_name or cfg.data or DEMO_DIR)
     if cfg.dataset_name is None and is_local(source):
-        builder, files = local_files(source, cfg.split)
+        builder, files = local_files(source, cfg.train_split)
         num = count_rows(builder, files) if cfg.streaming else None
         if builder == "imagefolder":
             ds = folder_dataset(files)
             ds = ds.to_iterable_dataset() if cfg.streaming else ds  # the file list is cheap to index first
         else:
-            ds = datasets.load_dataset(builder, data_files={cfg.split: files}, split=cfg.split,
+            ds = datasets.load_dataset(builder, data_files={cfg.train_split: files}, split=cfg.train_split,
                                        streaming=cfg.streaming, cache_dir=cfg.cache_dir)
         num = len(ds) if num is None else num
     else:
-        ds = load_hub(source, cfg.dataset_config_name, cfg.split, cfg.streaming, cfg.cache_dir)
-        split_info = (ds.info.splits or {}).get(cfg.split)
+        ds = load_hub(source, cfg.dataset_config_name, cfg.train_split, cfg.streaming, cfg.cache_dir)
+        split_info = (ds.info.splits or {}).get(cfg.train_split)
         num = len(ds) if not cfg.streaming else split_info.num_examples if split_info else None
     if cfg.streaming and cfg.num_examples is not None:
         num = cfg.num_examples
     if num == 0:
-        raise ValueError(f"The dataset {source!r} (split {cfg.split!r}) has no rows.")
+        raise ValueError(f"The dataset {source!r} (split {cfg.train_split!r}) has no rows.")
     return image_column(ds, cfg.image_column, source), num
 
 

@@ -7,12 +7,15 @@ by renaming alone. V1 and V2 differ by two flags: layer scale (V1) and GRN (V2).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..sparse.masking import STREAM_DROP_PATH, keyed_uniform
 from .layers import LN_EPS, LayerNorm2d, Mlp
 
 
@@ -38,13 +41,26 @@ class Block(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), ls_init_value)) if ls_init_value is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale``: this block's per-sample drop-path factors (``drop_path_scales``); None: timm's
+        DropPath draws them from torch's RNG."""
         shortcut = x
         x = self.conv_dw(x).permute(0, 2, 3, 1)
         x = self.mlp(self.norm(x))
         if self.gamma is not None:
             x = x * self.gamma
-        return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
+        return shortcut + self.drop(x.permute(0, 3, 1, 2), scale)
+
+    def drop(self, y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Stochastic depth on the residual branch ``y`` (N, ...): per-sample ``scale`` factors (0 or
+        1 / keep probability), or timm's DropPath."""
+        if scale is None:
+            return self.drop_path(y)
+        return y * scale.to(y.dtype).view(-1, *([1] * (y.ndim - 1)))
+
+    @property
+    def drop_prob(self) -> float:
+        return getattr(self.drop_path, "drop_prob", 0.0)
 
     def run(self, fn, *args):
         """``fn(self, *args)``. The sparse FCMAE backends evaluate a block's submodules through free
@@ -123,25 +139,61 @@ class ConvNeXt(nn.Module):
                 f"got shape {tuple(x.shape)}. Resize or crop the input to a multiple of {s} "
                 f"(e.g. {max(s, x.shape[-2] // s * s)}x{max(s, x.shape[-1] // s * s)}).")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return self.stages(self.stem(x))
+    grad_checkpointing = False
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's interface: recompute each block's activations in the backward pass instead of
+        keeping them (memory for about a third more compute; torch's non-reentrant checkpoint)."""
+        self.grad_checkpointing = enable
+
+    def call_block(self, blk: Block, *args, fn=None) -> torch.Tensor:
+        """``blk(*args)``, or ``blk.run(fn, *args)`` (a sparse backend's way into the block), under
+        activation checkpointing when it is on and gradients are being recorded."""
+        call = blk if fn is None else functools.partial(blk.run, fn)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(call, *args, use_reentrant=False)
+        return call(*args)
+
+    def drop_path_scales(self, keys: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """(N, blocks) per-sample drop-path factors (0, or 1 / keep probability) drawn from each
+        sample's key (fcmae.sparse.masking.keyed_uniform): a sample's draws then do not depend on how
+        the batch is split over processes. None without keys, in eval mode, or without drop path."""
+        probs = [blk.drop_prob for stage in self.stages for blk in stage.blocks]
+        if keys is None or not self.training or not any(probs):
+            return None
+        keep = 1.0 - torch.tensor(probs, dtype=torch.float64, device=like.device)
+        u = keyed_uniform(keys.to(like.device), len(probs), STREAM_DROP_PATH)
+        return ((u < keep) / keep).float()
+
+    def _stages(self, x: torch.Tensor, keys: torch.Tensor | None, outs: list | None = None) -> torch.Tensor:
+        scales, i = self.drop_path_scales(keys, x), 0
+        for stage in self.stages:
+            x = stage.downsample(x)
+            for blk in stage.blocks:
+                x = self.call_block(blk, x, None if scales is None else scales[:, i])
+                i += 1
+            if outs is not None:
+                outs.append(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C4, H/32, W/32). ``keys`` (N,): per-sample keys for drop path (None: torch's RNG)."""
+        self.check_input(x)
+        return self._stages(self.stem(x), keys)
+
+    def forward_intermediates(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The output of every stage (strides 4, 8, 16, 32 for the hierarchical models), for dense
         heads; channels and strides are in ``feature_info``."""
         self.check_input(x)
-        x, outs = self.stem(x), []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
+        outs = []
+        self._stages(self.stem(x), keys, outs)
         return outs
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, keys))
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc

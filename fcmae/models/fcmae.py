@@ -56,11 +56,14 @@ class FCMAE(nn.Module):
                              f"{tuple(imgs.shape)}. Resize or crop to a multiple of {p} (e.g. --input-size 224).")
         return imgs.shape[-2] // p, imgs.shape[-1] // p
 
-    def gen_random_mask(self, imgs: torch.Tensor, mask_ratio: float | None = None) -> torch.Tensor:
-        """(N, L) float mask, 0 keep / 1 remove, ``int(L * (1 - ratio))`` kept in every sample."""
+    def gen_random_mask(self, imgs: torch.Tensor, mask_ratio: float | None = None,
+                        keys: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, L) float mask, 0 keep / 1 remove, ``int(L * (1 - ratio))`` kept in every sample; from
+        torch's RNG, or from each sample's key (``keys`` (N,), fcmae.sparse.masking.keyed_hash)."""
         h, w = self.grid(imgs)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        return gen_random_mask(imgs.shape[0], h * w, ratio, device=imgs.device)
+        return gen_random_mask(imgs.shape[0], h * w, ratio, device=imgs.device,
+                               keys=None if keys is None else keys.to(imgs.device))
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C)."""
@@ -73,16 +76,20 @@ class FCMAE(nn.Module):
             grid = (side, side)
         return unpatchify(x, self.patch_size, grid, self.in_chans)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor, num_visible: int | None = None,
+                        keys: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W), mask (N, L) -> (N, C4, H/32, W/32); masked sites are zero, and visible ones
         depend on visible pixels only (submanifold sparse semantics, whatever the backend).
-        ``num_visible``: patches kept per sample if known; else counted (and checked) from the mask."""
+        ``num_visible``: patches kept per sample if known; else counted (and checked) from the mask.
+        ``keys`` (N,): per-sample keys for drop path (None: torch's RNG)."""
         grid = self.grid(imgs)
         if mask.shape != (imgs.shape[0], grid[0] * grid[1]):
             raise ValueError(f"mask must be (N, L) = ({imgs.shape[0]}, {grid[0] * grid[1]}); got {tuple(mask.shape)}.")
         if num_visible is None and self.backend != "dense":
             num_visible = count_visible(mask)
-        return get_backend(self.backend)(self.encoder, imgs, mask.to(imgs.dtype), grid, num_visible=num_visible)
+        scales = self.encoder.drop_path_scales(keys, imgs)
+        return get_backend(self.backend)(self.encoder, imgs, mask.to(imgs.dtype), grid, num_visible=num_visible,
+                                         scales=scales)
 
     def forward_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, C4, h, w) -> (N, p*p*C, h, w): masked sites become the mask token before the decoder."""
@@ -106,14 +113,17 @@ class FCMAE(nn.Module):
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum().clamp(min=1)  # ratio 0: nothing to reconstruct, loss 0
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None, mask_ratio: float | None = None):
-        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L) 0 keep / 1 remove)."""
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None, mask_ratio: float | None = None,
+                keys: torch.Tensor | None = None):
+        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L) 0 keep / 1 remove). ``keys`` (N,):
+        each sample's key (a function of (seed, epoch, sample index)): its mask and drop path are drawn
+        from it, the same however the batch is split over processes; None: torch's RNG."""
         num_visible = None
         if mask is None:
-            mask = self.gen_random_mask(imgs, mask_ratio)
+            mask = self.gen_random_mask(imgs, mask_ratio, keys)
             h, w = self.grid(imgs)
             num_visible = num_keep(h * w, self.mask_ratio if mask_ratio is None else mask_ratio)
-        latent = self.forward_encoder(imgs, mask, num_visible)
+        latent = self.forward_encoder(imgs, mask, num_visible, keys)
         pred = self.forward_decoder(latent, mask).flatten(2).transpose(1, 2)  # (N, L, p*p*C)
         return self.forward_loss(imgs, pred, mask), pred, mask
 

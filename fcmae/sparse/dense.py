@@ -8,7 +8,7 @@ import torch
 from .masking import keep_map
 
 
-def _block(blk, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _block(blk, x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """One ConvNeXt block on a map whose masked sites are zero; returns the same."""
     y = blk.conv_dw(x).permute(0, 2, 3, 1)
     y = blk.mlp.act(blk.mlp.fc1(blk.norm(y)))
@@ -16,18 +16,19 @@ def _block(blk, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     y = blk.mlp.fc2(blk.mlp.grn(y * keep.permute(0, 2, 3, 1)))
     if blk.gamma is not None:
         y = y * blk.gamma
-    return (x + blk.drop_path(y.permute(0, 3, 1, 2))) * keep
+    return (x + blk.drop(y.permute(0, 3, 1, 2), scale)) * keep
 
 
 def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
-                    num_visible: int | None = None) -> torch.Tensor:
+                    num_visible: int | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
-    (N, C4, h, w), zero at masked patches."""
-    x = encoder.stem(imgs)  # non-overlapping: masking its output suffices
+    (N, C4, h, w), zero at masked patches. ``scales`` (N, blocks): per-sample drop-path factors."""
+    x, i = encoder.stem(imgs), 0  # non-overlapping: masking its output suffices
     for stage in encoder.stages:
         x = stage.downsample(x)  # patch-aligned 2x2 windows: all-visible or all-masked
         keep = keep_map(mask, grid, x.shape[-2] // grid[0]).to(x.dtype)
         x = x * keep
-        for blk in stage.blocks:
-            x = blk.run(_block, x, keep)  # run: sharded blocks gather their weights
+        for blk in stage.blocks:  # through Block.run: sharded blocks gather their weights
+            x = encoder.call_block(blk, x, keep, None if scales is None else scales[:, i], fn=_block)
+            i += 1
     return x

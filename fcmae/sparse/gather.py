@@ -61,23 +61,26 @@ def _downsample(ds, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, conv.bias)
 
 
-def _block(blk, x: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def _block(blk, x: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int],
+           scale: torch.Tensor | None = None) -> torch.Tensor:
     y = from_grid(blk.conv_dw(to_grid(x, ids, grid)), ids, grid)
     y = blk.mlp(blk.norm(y))  # GRN's norm runs over the (V, f, f) visible sites of each sample
     if blk.gamma is not None:
         y = y * blk.gamma
-    return x + blk.drop_path(y)
+    return x + blk.drop(y, scale)
 
 
 def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
-                    num_visible: int | None = None) -> torch.Tensor:
+                    num_visible: int | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove -> (N, C4, h, w), zero at masked patches.
-    ``num_visible``: patches kept per sample when known (avoids a host sync)."""
+    ``num_visible``: patches kept per sample when known (avoids a host sync). ``scales`` (N, blocks):
+    per-sample drop-path factors."""
     ids = keep_indices(mask, num_visible)
-    x = _stem(encoder.stem, imgs, ids, grid)
+    x, i = _stem(encoder.stem, imgs, ids, grid), 0
     for stage in encoder.stages:
         if not isinstance(stage.downsample, torch.nn.Identity):
             x = _downsample(stage.downsample, x)
-        for blk in stage.blocks:
-            x = blk.run(_block, x, ids, grid)  # run: sharded blocks gather their weights
+        for blk in stage.blocks:  # through Block.run: sharded blocks gather their weights
+            x = encoder.call_block(blk, x, ids, grid, None if scales is None else scales[:, i], fn=_block)
+            i += 1
     return to_grid(x, ids, grid).contiguous()

@@ -1,7 +1,42 @@
-"""Patch masks and the per-stage views of them. Convention everywhere: 0 = keep, 1 = remove."""
+"""Patch masks and the per-stage views of them. Convention everywhere: 0 = keep, 1 = remove.
+
+Per-sample randomness keyed by the sample: ``keyed_hash(keys, n, stream)`` gives every sample n
+pseudo-random integers that depend only on its key (a function of (seed, epoch, global sample
+index), computed by the data layer) and the stream (masks, drop path). A sample then gets the same
+mask and drop path however the batch is split over processes: what makes a checkpoint resumable on
+another number of processes with the same samples and draws at every step.
+"""
 from __future__ import annotations
 
 import torch
+
+_MOD = 2 ** 31 - 1  # hash arithmetic modulo a Mersenne prime: every product of two residues fits in int64
+_ROUNDS = ((48271, 12345), (69621, 98765), (16807, 55555), (39373, 24680))  # Park-Miller-family multipliers
+STREAM_MASK, STREAM_DROP_PATH = 1, 2
+
+
+def keyed_hash(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
+    """(N, n) int64 in [0, 2^31 - 1): a counter-based hash of (key, stream, j) for each sample key
+    (N,) and j < n. Integer arithmetic only, with no overflow: the same values on every device, eager
+    or compiled, and no host sync."""
+    j = torch.arange(n, device=keys.device, dtype=torch.int64)
+    h = (keys.to(torch.int64).remainder(_MOD)[:, None] * 1_000_003 + stream * 7_919 + j[None] * 104_729) % _MOD
+    for a, c in _ROUNDS:
+        h = (h * a + c) % _MOD
+        h = h ^ (h >> 16)
+    return h
+
+
+def sample_keys(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 keys of the samples with global indices ``index`` (N,) in ``epoch`` of a run seeded
+    ``seed``: the key ``keyed_hash`` draws each sample's masks and drop path from."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    return (index * 2_147_483_629 + (epoch * 1_000_033 + seed * 999_983) % _MOD) % (2 ** 62)
+
+
+def keyed_uniform(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
+    """(N, n) float64 in [0, 1) from ``keyed_hash``."""
+    return keyed_hash(keys, n, stream).double() / _MOD
 
 
 def num_keep(num_patches: int, mask_ratio: float) -> int:
@@ -10,13 +45,17 @@ def num_keep(num_patches: int, mask_ratio: float) -> int:
 
 
 def gen_random_mask(n: int, num_patches: int, mask_ratio: float, device=None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random per-sample mask (N, L), 0 keep / 1 remove, keeping ``int(L * (1 - ratio))`` patches."""
+                    generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Random per-sample mask (N, L), 0 keep / 1 remove, keeping ``int(L * (1 - ratio))`` patches:
+    from torch's RNG (or ``generator``), or with ``keys`` (N,) from each sample's own key."""
     keep = num_keep(num_patches, mask_ratio)
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {num_patches}; use a lower ratio or larger images.")
-    noise = torch.rand(n, num_patches, device=device, generator=generator)
-    ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each patch's noise; the `keep` smallest are kept
+    if keys is not None:
+        noise = keyed_hash(keys, num_patches, STREAM_MASK)
+    else:
+        noise = torch.rand(n, num_patches, device=device, generator=generator)
+    ranks = noise.argsort(dim=1, stable=True).argsort(dim=1)  # each patch's rank; the `keep` smallest are kept
     return (ranks >= keep).float()
 
 

@@ -142,7 +142,7 @@ def _grn(grn: nn.Module, feats: torch.Tensor, batch: torch.Tensor, n: int) -> to
     return torch.addcmul(grn.bias + feats, grn.weight, feats * nx[batch])
 
 
-def _block(ME, blk, x, n: int):
+def _block(ME, blk, x, n: int, scale=None):
     feats = x.F
     batch = x.C[:, 0].long().to(feats.device)
     kernel = depthwise_kernel(blk.conv_dw.weight)
@@ -158,11 +158,12 @@ def _block(ME, blk, x, n: int):
     y = mlp.fc2(_grn(mlp.grn, y, batch, n))
     if blk.gamma is not None:
         y = y * blk.gamma
-    if not isinstance(blk.drop_path, nn.Identity):
+    if scale is None and not isinstance(blk.drop_path, nn.Identity):
         # timm's DropPath on the dense (N, C, H, W) map draws new_empty((N, 1, 1, 1)).bernoulli_(keep)
         # and divides by keep; applying it to ones of that shape makes the very same draw
         scale = blk.drop_path(feats.new_ones(n, 1, 1, 1)).reshape(n)
-        y = y * scale[batch].unsqueeze(1)
+    if scale is not None:
+        y = y * scale.to(y.dtype)[batch].unsqueeze(1)
     return _with_features(ME, x, feats + y)
 
 
@@ -177,10 +178,14 @@ def __getattr__(name: str):
 
 
 def _forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
-                     num_visible: int | None = None) -> torch.Tensor:
+                     num_visible: int | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches. ``num_visible`` is accepted for the backend interface and
-    not needed: sparse tensors hold any number of sites per sample."""
+    not needed: sparse tensors hold any number of sites per sample. ``scales`` (N, blocks): per-sample
+    drop-path factors."""
+    if encoder.grad_checkpointing:
+        raise ValueError("--grad-checkpointing does not run with --backend minkowski (its sparse tensors cannot be "
+                         "recomputed by torch.utils.checkpoint); use --backend gather, the fast one.")
     ME = import_minkowski()
     n = imgs.shape[0]
     h, w = grid
@@ -195,6 +200,7 @@ def _forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tupl
         feats = _layer_norm(stem[1], feats)
     coords = torch.stack([b, r * s, c * s], dim=1).int().to(feats.device)
     x = ME.SparseTensor(feats, coordinates=coords, tensor_stride=s, coordinate_manager=coordinate_manager(feats))
+    i = 0
     for stage in encoder.stages:
         ds = stage.downsample
         if not isinstance(ds, nn.Identity):
@@ -204,7 +210,8 @@ def _forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tupl
             if conv.bias is not None:
                 x = _with_features(ME, x, x.F + conv.bias)
         for blk in stage.blocks:
-            x = _block(ME, blk, x, n)
+            x = _block(ME, blk, x, n, None if scales is None else scales[:, i])
+            i += 1
     coords = x.C.long().to(imgs.device)
     out = x.F.new_zeros(n, h, w, x.F.shape[1])
     out = out.index_put((coords[:, 0], coords[:, 1] // patch, coords[:, 2] // patch), x.F)

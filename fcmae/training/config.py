@@ -1,8 +1,17 @@
-"""Dataclass configs with YAML presets and command-line overrides.
+"""Typed, sectioned configs: YAML presets and command-line flags over dataclass defaults.
 
-Precedence, lowest first: the dataclass defaults, a preset the entry point picks, ``--config FILE``
+A task's config has six sections: ``dataset`` (fcmae.data.DataConfig: where the images are and how
+they are read), ``encoder`` (which ConvNeXt, its initialisation and regularisation), ``optim``,
+``schedule``, ``runtime`` (precision, checkpoints, logging, evaluation) and ``task`` (the task's own
+fields). Every field name is unique across the sections, so flags and YAML keys stay flat
+(``--lr``, ``lr: 1e-4``) and a field reads flat too: ``cfg.lr`` is ``cfg.optim.lr``. YAML may also
+be sectioned (``optim: {lr: 1e-4}``). A key that no section knows is an error that names it.
+
+Precedence, lowest first: the sections' defaults, the task's recipe (``DEFAULTS``: each recipe is
+stated once, there), a preset the entry point picks (the demo, the linear probe), ``--config FILE``
 (YAML), then flags. Every field ``foo_bar`` is a flag ``--foo-bar`` (``--foo_bar`` works too);
-booleans take ``--flag`` / ``--no-flag`` or an explicit ``--flag true|false``.
+booleans take ``--flag`` / ``--no-flag`` or an explicit ``--flag true|false``. A renamed field keeps
+its old name as a deprecated alias (``ALIASES``), with its old meaning.
 """
 from __future__ import annotations
 
@@ -13,12 +22,102 @@ import os
 import sys
 import types
 import typing
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import yaml
 from tqdm.auto import tqdm
 
+from ..data.config import DataConfig, help_field
+from ..weights.card import CONFIG_SECTIONS, flatten_config as flatten
+
+__all__ = ["Alias", "Config", "DataConfig", "EncoderConfig", "OptimConfig", "RunConfig", "RuntimeConfig",
+           "ScheduleConfig", "build", "cli", "exit_on_user_error", "flatten", "help_field", "load_yaml", "parse_args",
+           "save_yaml"]
+
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+SECTION_NAMES = CONFIG_SECTIONS[:-1]
+
+
+@dataclass
+class EncoderConfig:
+    model: str | None = help_field("registered model name (fcmae.list_models(); default: the one --from-fcmae holds)")
+    from_fcmae: str | None = help_field("pretrained encoder: a pretraining run dir, encoder/fcmae.safetensors, a "
+                                        "checkpoint dir, an official/timm/transformers checkpoint, hf-hub:owner/name; "
+                                        "none: from scratch")
+    drop_path: float = help_field("stochastic depth rate, growing linearly over the blocks", 0.0)
+    grad_checkpointing: bool = help_field("recompute activations in the backward pass (less memory, ~30 % more "
+                                          "compute): encoder stages and, where they matter, the heads", False)
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = help_field("images per process and micro-batch", 64)
+    grad_accum: int = help_field("micro-batches per optimizer step", 1)
+    blr: float = help_field("base lr: lr = blr x effective batch / 256", 1e-3)
+    lr: float | None = help_field("absolute lr; overrides blr")
+    weight_decay: float = help_field("AdamW weight decay (1-D parameters, biases, GRN and layer scale exempt)", 0.05)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    clip_grad: float | None = help_field("clip the gradient norm to this")
+    layer_decay: float = help_field("layer-wise lr decay of the encoder (1: none)", 1.0)
+    layer_decay_type: str = help_field("how encoder layers are numbered for --layer-decay", "single")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 100
+    max_steps: int | None = help_field("stop after this many optimizer steps (the schedule spans them)")
+    warmup_epochs: float | None = help_field("linear warmup from 0, in epochs", 0.0)
+    warmup_steps: int | None = help_field("linear warmup from 0, in steps (overrides --warmup-epochs; with neither: "
+                                          "min(--warmup-cap, a tenth of the run))")
+    warmup_cap: int | None = help_field("without --warmup-steps/--warmup-epochs: warm up min(this, steps / 10)")
+    min_lr: float = 0.0
+    decay: str = help_field("lr decay after the warmup: cosine | poly (linear to --min-lr) | step (x0.1 at each "
+                            "--lr-milestones; without milestones: cosine)", "cosine")
+    lr_milestones: list[int] | None = help_field("--decay step: epochs (of --epochs) where the lr drops x0.1")
+
+
+@dataclass
+class RuntimeConfig:
+    mixed_precision: str = help_field("no | fp16 | bf16", "no")
+    compile: bool = help_field("torch.compile the model (in place: checkpoint names do not change)", False)
+    channels_last: bool = False
+    cudnn_benchmark: bool = help_field("CUDA: autotune convolutions (--no-cudnn-benchmark: bitwise-repeatable runs)",
+                                       True)
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    overwrite: bool = help_field("start afresh in an --output-dir that holds another run: deletes its checkpoints/, "
+                                 "log.jsonl and weights first", False)
+    save_every: int | None = help_field("checkpoint every N optimizer steps (and at the end)")
+    keep_last: int = help_field("checkpoints kept", 2)
+    resume: str | None = help_field("auto (newest checkpoint in output_dir) or a checkpoint/run directory")
+    log_every: int = help_field("optimizer steps between log rows", 20)
+    report_to: str = help_field("auto (tensorboard if installed) | none | tensorboard | wandb | all", "auto")
+    push_to_hub: str | None = help_field("OWNER/NAME: export and push to the Hugging Face Hub at the end")
+    hub_private: bool = False
+    eval_every: int | None = help_field("evaluate every N optimizer steps (and at the end)")
+    eval_only: bool = help_field("evaluate --checkpoint on the validation split and exit", False)
+    checkpoint: str | None = help_field("--eval-only: the run directory or weights to evaluate")
+    dist_timeout: int | None = help_field("seconds a collective may wait before the run fails (default: 300 under "
+                                          "Slurm, so a lost node ends the job and its requeue starts; else 1800)")
+    elastic: str = help_field("a checkpoint from another number of processes: refuse | keep-global-batch (same global "
+                              "batch, same samples) | allow-batch-change", "keep-global-batch")
+
+
+class _NoTask:
+    """Placeholder task section of a config without task fields."""
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A deprecated field name: ``target`` receives ``convert(value, flags)`` and a warning names the new flag."""
+
+    target: str
+    note: str = ""
+    convert: Callable | None = None
 
 
 def _parse_bool(s: str) -> bool:
@@ -27,8 +126,7 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def _field_type(cls, f: dataclasses.Field):
-    t = typing.get_type_hints(cls)[f.name]
+def _unoptional(t):
     if typing.get_origin(t) in (typing.Union, types.UnionType):  # Optional[X] -> X
         t = next(a for a in typing.get_args(t) if a is not type(None))
     return t
@@ -57,145 +155,119 @@ def _convert(value, t, name: str):
         raise ValueError(f"Config field {name!r} expects {getattr(t, '__name__', t)}, got {value!r}.") from None
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"Config file {path} must hold a mapping of field: value, got {type(data).__name__}.")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+_INDEX: dict[type, dict] = {}
 
 
-def build(cls, *layers: dict):
-    """An instance of dataclass ``cls`` from its defaults updated by ``layers`` in order; unknown
-    keys are an error that names the known ones."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for layer in layers:
-        for k, v in layer.items():
-            if k not in names:
-                close = difflib.get_close_matches(k, names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"Unknown config field {k!r}{hint}. Known fields: {', '.join(sorted(names))}.")
-            values[k] = _convert(v, _field_type(cls, names[k]), k)
-    return cls(**values)
+class _Defaults(type):
+    """``TaskConfig.lr`` on the class: the field's default for that task (its recipe's value)."""
+
+    def __getattr__(cls, name: str):
+        if not name.startswith("_") and name in cls.fields():
+            return cls.default(name)
+        raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
 
 
-def parse_args(cls, argv: list[str] | None = None, description: str = "", choose_preset=None):
-    """Parse ``argv`` into ``cls``: defaults < preset (``choose_preset(flags, yaml) -> dict``) < YAML < flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of field: value (flags override it)")
-    for f in dataclasses.fields(cls):
-        t = _field_type(cls, f)
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        doc = (f.metadata.get("help", "") + f" (default: {f.default!r})").strip()
-        if t is bool:
-            parser.add_argument(*flags, dest=f.name, nargs="?", const=True, default=argparse.SUPPRESS,
-                                type=_parse_bool, help=doc)
-            parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, help=doc)
-    args = vars(parser.parse_args(argv))
-    config_file = args.pop("config", None)
-    file_values = load_yaml(config_file) if config_file else {}
-    preset = choose_preset(args, file_values) if choose_preset else {}
-    return build(cls, preset, file_values, args)
+class Config(metaclass=_Defaults):
+    """A sectioned config (see the module docstring). Subclasses set ``TASK`` (their own section's
+    dataclass), ``DEFAULTS`` (the recipe: flat field -> value), ``UNUSED`` (shared fields that mean
+    nothing to the task: no flag, and a YAML key naming one is an error), ``ALIASES`` and ``HELP``
+    (task-specific help lines of shared fields), and may override ``check``."""
 
+    SECTIONS: ClassVar[dict[str, type]] = {"dataset": DataConfig, "encoder": EncoderConfig, "optim": OptimConfig,
+                                           "schedule": ScheduleConfig, "runtime": RuntimeConfig}
+    TASK: ClassVar[type] = _NoTask
+    DEFAULTS: ClassVar[dict] = {}
+    UNUSED: ClassVar[frozenset[str]] = frozenset()
+    ALIASES: ClassVar[dict[str, Alias]] = {}
+    HELP: ClassVar[dict[str, str]] = {}
 
-# what a user can cause and fix: a bad flag, path, size, file or checkpoint. Anything else is a bug
-# and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
+    def __init__(self, **values):
+        """Defaults, the recipe, then ``values`` (flat fields, or section names with a dict or a section)."""
+        sections = {name: cls() for name, cls in self.sections().items()}
+        object.__setattr__(self, "_sections", sections)
+        for name, value in {**self.DEFAULTS, **values}.items():
+            setattr(self, name, value)
 
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        return {**cls.SECTIONS, **({"task": cls.TASK} if dataclasses.is_dataclass(cls.TASK) else {})}
 
-def exit_on_user_error(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; a user error exits with status 2 and its message, no traceback
-    (``FCMAE_DEBUG=1`` keeps the traceback)."""
-    try:
-        return fn(*args, **kwargs)
-    except USER_ERRORS as e:
-        if os.environ.get("FCMAE_DEBUG"):
-            raise
-        tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar first
-        sys.stderr.flush()
-        sys.exit(2)
+    @classmethod
+    def fields(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """flat name -> (section, field) of the fields this config takes (not ``UNUSED``); a name in two
+        sections is a bug of the subclass."""
+        if cls not in _INDEX:
+            _INDEX[cls] = cls._index()
+        return _INDEX[cls]
 
+    @classmethod
+    def _index(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        index = {}
+        for section, dc in cls.sections().items():
+            for f in dataclasses.fields(dc):
+                if f.name in cls.UNUSED:
+                    continue
+                if f.name in index:
+                    raise TypeError(f"{cls.__name__}: field {f.name!r} is in sections {index[f.name][0]} and {section}.")
+                index[f.name] = (section, f)
+        return index
 
-def cli(cls, run, argv: list[str] | None = None, description: str = "", choose_preset=None):
-    """An entry point: parse ``argv`` into ``cls`` and call ``run(cfg)``, user errors exiting with 2."""
-    return exit_on_user_error(lambda: run(parse_args(cls, argv, description, choose_preset)))
+    @classmethod
+    def field_type(cls, name: str):
+        section, f = cls.fields()[name]
+        return _unoptional(typing.get_type_hints(cls.sections()[section])[f.name])
 
+    @classmethod
+    def default(cls, name: str):
+        if name in cls.DEFAULTS:
+            return cls.DEFAULTS[name]
+        f = cls.fields()[name][1]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("_sections", {})
+        if name in sections:
+            return sections[name]
+        for section in sections.values():
+            if name in section.__dataclass_fields__:
+                return getattr(section, name)
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
 
+    def __setattr__(self, name: str, value) -> None:
+        sections = self._sections
+        if name in sections:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    self._set_in(name, k, v)
+            elif isinstance(value, self.sections()[name]):
+                sections[name] = value
+            else:
+                raise TypeError(f"section {name} takes a mapping or a {self.sections()[name].__name__}")
+            return
+        index = self.fields()
+        if name not in index:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+        setattr(sections[index[name][0]], name, value)
 
-def save_yaml(data: dict, path: str | os.PathLike) -> None:
-    """Write YAML atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    def _set_in(self, section: str, name: str, value) -> None:
+        index = self.fields()
+        if name not in index:
+            raise ValueError(unknown_key(name, index, f"section {section!r}"))
+        if index[name][0] != section:
+            raise ValueError(f"Config key {name!r} belongs to section {index[name][0]!r}, not {section!r}.")
+        setattr(self, name, value)
 
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self._sections == other._sections
 
-# ----------------------------------------------------------------------------- the shared fields
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._sections.items())})"
 
-def help_field(text: str, default=None):
-    """A dataclass field whose ``--help`` line is ``text``."""
-    return dataclasses.field(default=default, metadata={"help": text})
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Fields every task has. A task's config subclasses it, adds its own fields and may change
-    defaults by declaring a field again; ``validate`` checks the shared ones and ``check`` is the
-    task's hook for its own."""
-
-    # model
-    model: str | None = help_field("registered model name (fcmae.list_models())")
-    input_size: int = 224
-    in_chans: int = 3  # input channels: 3 for images; any N for multi-band arrays (.npy, TIFF)
-    drop_path: float = 0.0
-    # data
-    data: str | None = help_field("local data: a folder or parquet/arrow file(s)")
-    dataset_name: str | None = help_field("Hub dataset id")
-    dataset_config_name: str | None = None
-    image_column: str | None = help_field("column holding the images (default: the first Image column)")
-    max_bad_fraction: float = 0.01
-    num_workers: int = 4
-    mean: list[float] | None = help_field("per-channel mean (default ImageNet's; required when --in-chans is not 3)")
-    std: list[float] | None = help_field("per-channel std (default ImageNet's; required when --in-chans is not 3)")
-    channel_axis: str = "last"  # .npy / TIFF page stacks: (H, W, N) 'last' or (N, H, W) 'first'
-    # optimisation
-    batch_size: int = 64  # per device
-    grad_accum: int = 1
-    epochs: int = 100
-    max_steps: int | None = help_field("stop after this many optimizer steps (the schedule spans them)")
-    blr: float = 1e-3  # lr = blr * effective batch / 256
-    lr: float | None = help_field("absolute lr; overrides blr")
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    warmup_steps: int | None = help_field("overrides warmup_epochs")
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.999
-    clip_grad: float | None = None
-    # runtime
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    compile: bool = False  # torch.compile the model (in place: checkpoint names do not change)
-    channels_last: bool = False
-    cudnn_benchmark: bool = True  # CUDA: autotune convolutions for the fixed input size
-    seed: int = 0
-    output_dir: str = "outputs/run"
-    save_every: int | None = help_field("checkpoint every N optimizer steps")
-    keep_last: int = 2
-    resume: str | None = help_field("auto (newest checkpoint in output_dir) or a checkpoint/run directory")
-    log_every: int = 20
-    report_to: str = "auto"  # auto (tensorboard if installed) | none | tensorboard | wandb | all
-    push_to_hub: str | None = help_field("OWNER/NAME: export and push to the Hugging Face Hub at the end")
-    hub_private: bool = False
+    def to_dict(self) -> dict:
+        """Plain nested dict, one mapping per section (what config.yaml holds)."""
+        index = self.fields()
+        return {name: {k: v for k, v in dataclasses.asdict(section).items() if k in index}
+                for name, section in self._sections.items()}
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag and the fix for any inconsistent value."""
@@ -206,33 +278,182 @@ class RunConfig:
                 validate_repo_id(self.push_to_hub)
             except Exception as e:  # noqa: BLE001 - HFValidationError is a ValueError in some versions only
                 raise ValueError(f"--push-to-hub {self.push_to_hub!r}: {e}") from None
-        if self.input_size <= 0 or self.input_size % 32:
-            raise ValueError(f"--input-size must be a positive multiple of 32 (the encoder's total stride); got "
-                             f"{self.input_size}. Try {max(32, round(self.input_size / 32) * 32)}.")
+        self.dataset.validate()
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16; got {self.mixed_precision!r}.")
-        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "epochs", "save_every", "max_steps"):
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "epochs", "save_every", "max_steps",
+                     "eval_every", "dist_timeout"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {value}.")
-        if self.in_chans < 1:
-            raise ValueError(f"--in-chans must be at least 1; got {self.in_chans}.")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is None and self.in_chans != 3:
-                raise ValueError(f"--in-chans {self.in_chans} needs --{name} with one value per channel; compute "
-                                 "them with: python -m fcmae.data stats DIR")
-            if value is not None and len(value) != self.in_chans:
-                raise ValueError(f"--{name} has {len(value)} values for {self.in_chans} input channels.")
-        if self.std is not None and min(self.std) <= 0:
-            raise ValueError(f"--std must be positive; got {self.std}.")
-        if self.channel_axis not in ("last", "first"):
-            raise ValueError(f"--channel-axis must be last or first; got {self.channel_axis!r}.")
+        if self.decay not in ("cosine", "poly", "step"):
+            raise ValueError(f"--decay must be cosine, poly or step; got {self.decay!r}.")
+        if self.elastic not in ("refuse", "keep-global-batch", "allow-batch-change"):
+            raise ValueError(f"--elastic must be refuse, keep-global-batch or allow-batch-change; got {self.elastic!r}.")
         if self.model is not None:
             from ..models.registry import model_entry
 
             model_entry(self.model)  # an unknown name raises, with a "did you mean"
+        if "eval_only" not in self.UNUSED and self.eval_only != bool(self.checkpoint):
+            raise ValueError("--eval-only needs --checkpoint (a run directory or its best.safetensors), and "
+                             "--checkpoint is for --eval-only (to continue a run use --resume).")
         self.check()
 
     def check(self) -> None:
         """A task's own checks (called by ``validate``)."""
+
+    def elastic_blocker(self) -> str | None:
+        """Why a checkpoint of this run cannot resume on another number of processes (None: it can)."""
+        return None
+
+
+class RunConfig(Config):
+    """The shared sections alone (no task fields): what every task's config starts from."""
+
+
+def unknown_key(name: str, index, where: str = "config") -> str:
+    close = difflib.get_close_matches(name, index, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"Unknown config field {name!r} in {where}{hint}. Known fields: {', '.join(sorted(index))}."
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """The mapping of a YAML config file: flat keys and sections (``optim: {lr: ...}``), '-' read as '_'."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of field: value, got {type(data).__name__}.")
+    out = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        out[key] = {str(k).replace("-", "_"): v for k, v in value.items()} if isinstance(value, dict) and \
+            key in SECTION_NAMES else value
+    return out
+
+
+def _resolve_aliases(cls, values: dict, given: dict) -> dict:
+    """``values`` with each deprecated key replaced by what it means (``given``: every layer merged,
+    for aliases whose meaning depends on another field). A new key in the same layer wins."""
+    out = {k: v for k, v in values.items() if k not in cls.ALIASES}
+    for k, v in values.items():
+        alias = cls.ALIASES.get(k)
+        if alias is None:
+            continue
+        warnings.warn(f"--{k.replace('_', '-')} is deprecated: {alias.note or 'use --' + alias.target.replace('_', '-')}",
+                      FutureWarning, stacklevel=4)
+        for target, value in (alias.convert(v, given) if alias.convert else {alias.target: v}).items():
+            out.setdefault(target, value)
+    return out
+
+
+def build(cls, *layers: dict):
+    """An instance of config class ``cls`` from its defaults updated by ``layers`` in order (flat or
+    sectioned mappings); unknown keys are an error that names the known ones."""
+    index = cls.fields()
+    cfg = cls()
+    given = {}
+    for layer in layers:
+        given.update(flatten(layer))
+    for layer in layers:
+        layer = _resolve_aliases(cls, layer, given)
+        for k, v in layer.items():
+            if k in cls.sections() and isinstance(v, dict):
+                for name, value in v.items():
+                    if name not in index:
+                        raise ValueError(unknown_key(name, index, f"section {k!r}"))
+                    cfg._set_in(k, name, _convert(value, cls.field_type(name), name))
+                continue
+            if k not in index:
+                raise ValueError(unknown_key(k, index))
+            setattr(cfg, k, _convert(v, cls.field_type(k), k))
+    return cfg
+
+
+def parser_for(cls, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of config class ``cls``: ``--config`` and one flag per field (and alias)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of field: value, flat or in sections (flags override it)")
+    index = cls.fields()
+    for section in cls.sections():
+        group = parser.add_argument_group(section)
+        for name, (_, f) in ((n, v) for n, v in index.items() if v[0] == section):
+            _add_flag(group, name, cls.field_type(name), cls.HELP.get(name, f.metadata.get("help", "")),
+                      cls.default(name))
+    aliases = parser.add_argument_group("deprecated")
+    for name, alias in cls.ALIASES.items():
+        _add_flag(aliases, name, cls.field_type(alias.target) if alias.convert is None else str,
+                  f"deprecated: {alias.note or 'use --' + alias.target.replace('_', '-')}", None)
+    return parser
+
+
+def _add_flag(group, name: str, t, text: str, default) -> None:
+    flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+    doc = f"{text} (default: {default!r})".strip().replace("%", "%%")  # argparse formats help with %
+    if t is bool:
+        group.add_argument(*flags, dest=name, nargs="?", const=True, default=argparse.SUPPRESS, type=_parse_bool,
+                           help=doc)
+        group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
+        group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=doc)
+
+
+def parse_args(cls, argv: list[str] | None = None, description: str = "", choose_preset=None,
+               prog: str | None = None):
+    """Parse ``argv`` into ``cls``: defaults < recipe < preset (``choose_preset(flags, yaml) -> dict``) < YAML < flags."""
+    args = vars(parser_for(cls, description, prog).parse_args(argv))
+    config_file = args.pop("config", None)
+    file_values = load_yaml(config_file) if config_file else {}
+    preset = choose_preset(args, flatten(file_values)) if choose_preset else {}
+    return build(cls, preset, file_values, args)
+
+
+# what a user can cause and fix: a bad flag, path, size, file or checkpoint. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a user error exits with status 2 and its message, no traceback
+    (``FCMAE_DEBUG=1`` keeps the traceback); a run stopped by a signal, its checkpoint written, exits
+    with ``EXIT_PREEMPTED`` (75)."""
+    from .preempt import EXIT_PREEMPTED, Preempted
+
+    try:
+        return fn(*args, **kwargs)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
+    except USER_ERRORS as e:
+        if os.environ.get("FCMAE_DEBUG"):
+            raise
+        tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar first
+        sys.stderr.flush()
+        sys.exit(2)
+
+
+def cli(cls, run, argv: list[str] | None = None, description: str = "", choose_preset=None, prog: str | None = None):
+    """An entry point: parse ``argv`` into ``cls`` and call ``run(cfg)``, user errors exiting with 2."""
+    return exit_on_user_error(lambda: run(parse_args(cls, argv, description, choose_preset, prog)))
+
+
+def images_parser(prog: str, description: str, checkpoint: str, out_dir: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a command over images (``fcmae predict`` of each kind): IMAGES (files or folders),
+    ``--checkpoint`` (help ``checkpoint``) and, with ``out_dir``, ``--out-dir`` (its default)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--checkpoint", required=True, help=checkpoint)
+    if out_dir is not None:
+        parser.add_argument("--out-dir", default=out_dir, help=f"where the outputs go (default {out_dir})")
+    return parser
+
+
+def save_yaml(data: dict, path: str | os.PathLike) -> None:
+    """Write YAML atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)

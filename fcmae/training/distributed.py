@@ -11,12 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, convert_outputs_to_fp32,
-                              get_mixed_precision_context_manager)
+from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs,
+                              convert_outputs_to_fp32, get_mixed_precision_context_manager)
+
+# seconds a collective waits for the other processes before the run fails: short under Slurm, so that
+# a lost node ends the job (and its requeue starts) instead of hanging it; torch's 30 minutes elsewhere.
+# Every deliberate wait (a checkpoint write, the main process's COCO evaluation) must stay under it.
+TIMEOUT_SLURM, TIMEOUT_DEFAULT = 300, 1800
 
 
 def _asked(what: str) -> bool:  # as Accelerate reads its launch flags
@@ -57,9 +63,16 @@ def fsdp_plugin(wrap) -> FullyShardedDataParallelPlugin:
         mixed_precision_policy=MixedPrecisionPolicy())
 
 
-def accelerator_kwargs(wrap) -> dict:
-    """Extra ``Accelerator`` arguments: an FSDP2 plugin when the launch asked for FSDP."""
-    return {"fsdp_plugin": fsdp_plugin(wrap)} if fsdp_asked() else {}
+def collective_timeout(seconds: int | None = None) -> int:
+    """``--dist-timeout``, else 300 s inside a Slurm job and 1800 s elsewhere."""
+    return seconds or (TIMEOUT_SLURM if "SLURM_JOB_ID" in os.environ else TIMEOUT_DEFAULT)
+
+
+def accelerator_kwargs(wrap, timeout: int | None = None) -> dict:
+    """Extra ``Accelerator`` arguments: the collective timeout, and an FSDP2 plugin when the launch
+    asked for FSDP."""
+    kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout(timeout)))]}
+    return {**kwargs, "fsdp_plugin": fsdp_plugin(wrap)} if fsdp_asked() else kwargs
 
 
 def configure(accelerator: Accelerator, wrap) -> None:

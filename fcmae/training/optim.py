@@ -1,9 +1,10 @@
-"""Optimizer parameter groups, the learning-rate schedule (set by hand every step), and the
-micro-batch / optimizer step both training loops share."""
+"""Optimizer parameter groups (one builder for every task), the learning-rate schedule (set by hand
+every step), and the micro-batch / optimizer step every training loop shares."""
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,24 +12,38 @@ from torch import nn
 NO_DECAY_NAMES = ("mask_token", "gamma", ".grn.weight", ".grn.bias")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and exempt ones (1-D parameters, biases, GRN, mask token,
-    layer scale)."""
-    decay, no_decay = [], []
+def exempt_from_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """1-D parameters, biases, GRN, layer scale and the FCMAE mask token are not decayed. The official
+    ConvNeXt V2 fine-tuning exempts GRN too; its pretraining (timm's add_weight_decay) decays GRN and
+    the mask token, which are 2-D / 4-D there: fcmae exempts them in both."""
+    return p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in NO_DECAY_NAMES)
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None,
+                 exempt: Callable[[str, torch.Tensor], bool] = exempt_from_weight_decay) -> list[dict]:
+    """AdamW groups keyed by (lr scale, decayed or not), in the order parameters first appear, each
+    with ``lr_scale`` (``lr_scale(name)``, 1 without it; ``set_lr`` applies it) and ``weight_decay``
+    (0 for ``exempt`` parameters). Frozen parameters are left out."""
+    groups: dict[tuple[float, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale, no_decay = (lr_scale(name) if lr_scale else 1.0), exempt(name, p)
+        group = groups.setdefault((scale, no_decay), {"params": [], "lr_scale": scale,
+                                                      "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def adamw(model: nn.Module, cfg, lr_scale: Callable[[str], float] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` with the config's weight decay and betas (the lr is set every step)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, lr_scale), lr=0.0, betas=(cfg.beta1, cfg.beta2))
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0, kind: str = "cosine",
           milestones: tuple[int, ...] = ()) -> float:
-    """Linear warmup per iteration, then a decay from ``lr`` to ``min_lr``: half-cycle cosine (MAE,
-    ConvNeXt), ``poly`` with power 1, a straight line (mmsegmentation's PolyLR in the ConvNeXt
+    """Linear warmup per iteration from 0, then a decay from ``lr`` to ``min_lr``: half-cycle cosine
+    (MAE, ConvNeXt), ``poly`` with power 1, a straight line (mmsegmentation's PolyLR in the ConvNeXt
     UPerNet configs), or ``step``: x0.1 at each of ``milestones`` (steps; the Mask R-CNN 1x/3x
     schedules of Detectron and mmdetection)."""
     if step < warmup_steps:

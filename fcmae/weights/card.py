@@ -39,6 +39,22 @@ class RunInfo:
     label_names: list[str] | None = None
 
 
+CONFIG_SECTIONS = ("dataset", "encoder", "optim", "schedule", "runtime", "task", "resolved")
+
+
+def flatten_config(mapping: dict) -> dict:
+    """A run config as flat field -> value: config.yaml and the weights' "config" metadata hold it in
+    sections (dataset, encoder, optim, schedule, runtime, task, resolved) since fcmae 0.2, flat before."""
+    out = {}
+    for k, v in mapping.items():
+        k = str(k).replace("-", "_")
+        if isinstance(v, dict) and k in CONFIG_SECTIONS:
+            out.update(flatten_config(v))
+        else:
+            out[k] = v
+    return out
+
+
 def redact(obj):
     """``obj`` without any mapping key that looks like a credential (token, secret, password, ...)."""
     if isinstance(obj, dict):
@@ -54,7 +70,7 @@ def read_run_info(path: Path | None) -> RunInfo:
         return RunInfo(None, None)
     meta = read_metadata(path)
     run_dir = run_dir_of(path)
-    config = json.loads(meta["config"]) if "config" in meta else _read_mapping(run_dir / "config.yaml")
+    config = flatten_config(json.loads(meta["config"]) if "config" in meta else _read_mapping(run_dir / "config.yaml"))
     metrics = {"checkpoint": _scalars({k: _number(v) for k, v in meta.items() if k.startswith(METRIC_PREFIXES)})}
     metrics.update({name: _scalars(_read_mapping(run_dir / name)) for name in FINAL_FILES})
     if (run_dir / "log.jsonl").is_file():
@@ -75,7 +91,7 @@ def read_label_names(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"Label names file {path} does not exist.")
     text = path.read_text()
-    if path.suffix == ".json":
+    if path.suffix == ".json" or text.lstrip()[:1] in ("[", "{"):
         data = json.loads(text)
         if isinstance(data, dict):
             idx = sorted(int(k) for k in data)

@@ -16,7 +16,7 @@ import torch
 from ..models import create_fcmae
 from .convert import OFFICIAL_RENAMES, convert_state_dict, normalise_shapes, rename_keys
 from .load import LoadReport, read_state_dict
-from .card import PAPER, read_run_info, redact
+from .card import PAPER, flatten_config, read_run_info, redact
 from .source import find_weights
 from .files import save_safetensors, write_atomic_text
 
@@ -127,7 +127,7 @@ def write_fcmae(source: Path, net, out: Path, run, as_config: bool) -> dict:
         raise ValueError(f"The encoder in {source} differs from the exported model's weights (another step or "
                          "run?): export them separately, or pass fcmae.safetensors itself as --checkpoint.")
     meta = run.metadata if source == run.path else read_run_info(source).metadata
-    config = redact(json.loads(meta["config"])) if "config" in meta else run.config
+    config = redact(flatten_config(json.loads(meta["config"]))) if "config" in meta else run.config
     args.update(mask_ratio=config.get("mask_ratio", 0.6), norm_pix_loss=config.get("norm_pix_loss", True))
     description = dict(library="fcmae", format="fcmae", architecture=net.name, weights="fcmae.safetensors",
                        step=int(meta["step"]) if "step" in meta else None, fcmae_args=args)

@@ -1,16 +1,28 @@
-"""Showing and saving detections: boxes, class names, scores and translucent masks drawn with
-torchvision's ``draw_bounding_boxes`` / ``draw_segmentation_masks``, and JSON files of detections."""
+"""Detection prediction: boxes, class names, scores and translucent masks drawn with torchvision's
+``draw_bounding_boxes`` / ``draw_segmentation_masks``, and JSON files of the detections.
+
+Usage:
+    fcmae predict photo.jpg photos/ --checkpoint outputs/detect --out-dir preds    # <stem>.png + <stem>.json
+
+Every readable image is predicted; each unreadable one is named with its reason on stderr, and the
+command then exits 1.
+"""
 from __future__ import annotations
 
 import colorsys
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.transforms.v2.functional import to_dtype
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from ...data import image_paths, read_images, report_unreadable
+from ...training.config import images_parser
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -68,3 +80,30 @@ def write_detections(path, records) -> Path:
     tmp.write_text(json.dumps(records))
     os.replace(tmp, path)
     return path
+
+
+@torch.no_grad()
+def predict(args) -> int:
+    from .artifact import load_detector
+
+    net = load_detector(args.checkpoint)
+    cats, out = net.categories, Path(args.out_dir)
+    paths = image_paths(args.images)
+    images, failed = read_images(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, image in images:
+        det = net([to_dtype(pil_to_tensor(image), torch.float32, scale=True)])[0]
+        records = detection_records(det, cats.class_names, cats.label_to_cat, args.score_thresh)
+        write_detections(out / f"{Path(path).stem}.json", records)
+        draw_detections(image, det["boxes"], det["labels"], det["scores"], det.get("masks"), cats.class_names,
+                        args.score_thresh).save(out / f"{Path(path).stem}.png")
+    status = report_unreadable(failed, len(paths))
+    print(f"predicted {len(images)} of {len(paths)} images into {out}", file=sys.stderr if failed else sys.stdout)
+    return status
+
+
+def main(argv: list[str] | None = None, prog: str = "fcmae predict") -> int:
+    """Draw and list the detections of each image: OUT_DIR/<stem>.png and <stem>.json."""
+    p = images_parser(prog, __doc__, "a detection run dir, its best/last.safetensors, or an export", "predictions")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw and list detections scoring at least this")
+    return predict(p.parse_args(argv))

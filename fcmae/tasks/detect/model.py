@@ -1,4 +1,5 @@
-"""Mask R-CNN (or Faster R-CNN) on a ConvNeXt encoder, built from torchvision's detection models.
+"""Mask R-CNN (or Faster R-CNN) on a ConvNeXt encoder, built from torchvision's detection models: the
+network, the pretrained encoder's load and the layer-wise lr decay.
 
 The backbone is the encoder's four stage outputs (strides 4, 8, 16, 32), each through its own
 LayerNorm over channels, as the official ConvNeXt detection backbone adds them (ConvNeXt,
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections import OrderedDict
 
 import torch
@@ -30,11 +30,11 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..models import create_model
-from ..models.layers import LayerNorm2d
-from ..training.layer_decay import exempt_from_weight_decay, layer_id, num_layers
-from ..weights import LoadReport, load_checkpoint, open_weights
-from ..weights.adapt import adapt_stem
+from ...models import create_model
+from ...models.layers import LayerNorm2d
+from ...training.layer_decay import lr_scale_fn
+from ...weights import LoadReport, Weights, load_checkpoint, open_pretrained, open_weights
+from ...weights.adapt import adapt_stem
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,14 @@ class Float32RoIHeads(_Float32, RoIHeads):
     pass
 
 
-def build_detector(model_name: str, num_classes: int, input_size: int, masks: bool = True, drop_path: float = 0.0,
+def build_detector(model_name: str, num_classes: int, min_size: int, masks: bool = True, drop_path: float = 0.0,
                    in_chans: int = 3, max_size: int | None = None, image_mean=None, image_std=None,
                    **kwargs) -> MaskRCNN | FasterRCNN:
     """torchvision Mask R-CNN (``masks``) or Faster R-CNN on ``ConvNeXtFPNBackbone``, fresh weights.
 
     ``num_classes`` counts the background (torchvision's convention): K object classes -> K + 1.
-    ``input_size`` is the evaluation scale: the short side goes to ``input_size``, the long side to
-    at most ``max_size`` (default ``input_size * 1333 / 800``, the COCO convention; mmdetection's
+    ``min_size`` is the evaluation scale (torchvision's name): the short side goes to ``min_size``, the
+    long side to at most ``max_size`` (default ``min_size * 1333 / 800``, the COCO convention; mmdetection's
     LSJ config trains at 1024 and still evaluates at 800 x 1333). Training images are taken as the
     dataset hands them over (already jittered, fcmae.data.detection), as torchvision's references do
     with ``_skip_resize``; batches are padded to multiples of 32. ``kwargs`` go to torchvision's
@@ -126,14 +126,14 @@ def build_detector(model_name: str, num_classes: int, input_size: int, masks: bo
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and needs at least one object class; got {num_classes}.")
-    if input_size < 32:
-        raise ValueError(f"input_size (the evaluation short side) must be at least 32 px; got {input_size}.")
+    if min_size < 32:
+        raise ValueError(f"min_size (the evaluation short side) must be at least 32 px; got {min_size}.")
     if (image_mean is None) != (image_std is None) or (image_mean is None and in_chans != 3):
         raise ValueError(f"Give both image_mean and image_std ({in_chans} values each) for in_chans={in_chans}; "
                          "the ImageNet defaults hold for RGB only.")
     backbone = ConvNeXtFPNBackbone(model_name, drop_path=drop_path, in_chans=in_chans)
     common = dict(
-        min_size=input_size, max_size=max_size or round(input_size * LONG_SIDE_RATIO),
+        min_size=min_size, max_size=max_size or round(min_size * LONG_SIDE_RATIO),
         image_mean=list(image_mean or IMAGENET_DEFAULT_MEAN), image_std=list(image_std or IMAGENET_DEFAULT_STD),
         rpn_anchor_generator=AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5),
         # sampling_ratio 0 (adaptive) and 1000 proposals per training image: the ConvNeXt Mask R-CNN
@@ -161,7 +161,7 @@ def load_encoder_into(detector: nn.Module, source, use_ema: bool = False, what: 
     extra norms and the heads stay fresh. Another architecture raises ValueError naming both.
     """
     body = detector.backbone.body
-    weights = open_weights(source, use_ema=use_ema)
+    weights = source if isinstance(source, Weights) else open_weights(source, use_ema=use_ema)
     state, note = adapt_stem(weights.state_dict, body.in_chans)
     # load_checkpoint decides which head keys a source may lack, so load a complete model, then hand
     # over everything but the head, strictly
@@ -178,38 +178,20 @@ def load_encoder_into(detector: nn.Module, source, use_ema: bool = False, what: 
     return dataclasses.replace(report, missing=[], ignored=report.ignored + dropped)
 
 
-def backbone_layer(name: str, depths, decay_type: str = "layer_wise") -> tuple[int, int]:
-    """(layer id, number of layers L) of encoder parameter ``name`` (fcmae names: ``stem.*``,
-    ``stages.i.*``); the scale is ``decay ** (L + 1 - id)``. ``layer_wise`` is the detection rule of
-    the module docstring; ``single`` numbers every block (fcmae.training.layer_decay)."""
-    if decay_type == "single":
-        return layer_id(name, depths, "single"), num_layers(depths, "single")
-    if decay_type != "layer_wise":
-        raise ValueError(f"layer_decay_type must be 'layer_wise' or 'single'; got {decay_type!r}.")
-    n = 3 + math.ceil(depths[2] / 3)
-    i = layer_id(name, depths, "group")  # the same ids with L = 12: stage 4 -> 12, after it -> 13
-    return {12: n, 13: n + 1}.get(i, i), n
+def lr_scale(detector: nn.Module, layer_decay: float, decay_type: str = "layer_wise"):
+    """mmdetection's 'layer_wise' ConvNeXt rule (or 'single', one id per block) on the encoder; the
+    extra norms, FPN and heads get 1 (fcmae.training.layer_decay)."""
+    return lr_scale_fn(detector.backbone.body.cfg.depths, layer_decay, decay_type, encoder_name)
 
 
-def param_groups(detector: nn.Module, weight_decay: float, layer_decay: float = 0.95,
-                 decay_type: str = "layer_wise") -> list[dict]:
-    """Optimizer groups keyed by (lr scale, decayed or not), each with ``lr_scale`` (applied by
-    ``fcmae.training.optim.set_lr``) and ``weight_decay``. Encoder parameters get the layer-wise
-    scale; the extra norms, FPN and heads get 1. 1-D parameters, biases and GRN are not decayed.
-    Frozen parameters are left out."""
-    body = detector.backbone.body
-    depths = list(body.cfg.depths)
-    groups: dict[tuple[float, bool], dict] = {}
-    for name, p in detector.named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = 1.0
-        if name.startswith("backbone.body."):
-            i, n = backbone_layer(name.removeprefix("backbone.body."), depths, decay_type)
-            scale = layer_decay ** (n + 1 - i)
-        exempt = exempt_from_weight_decay(name, p)
-        key = (scale, exempt)
-        if key not in groups:
-            groups[key] = {"params": [], "lr_scale": scale, "weight_decay": 0.0 if exempt else weight_decay}
-        groups[key]["params"].append(p)
-    return list(groups.values())
+def encoder_name(name: str) -> str | None:
+    return name.removeprefix("backbone.body.") if name.startswith("backbone.body.") else None
+
+
+def build(cfg, cats):
+    """(detector, encoder LoadReport or None): the encoder of ``--from-fcmae`` loaded strictly."""
+    weights, name = open_pretrained(cfg.from_fcmae, cfg.model)
+    cfg.model = name
+    net = build_detector(name, cats.num_classes, cfg.task.eval_size, masks=cfg.masks, drop_path=cfg.drop_path)
+    what = f"--from-fcmae {cfg.from_fcmae}"
+    return net, (load_encoder_into(net, weights, what=what) if weights is not None else None)
