@@ -227,3 +227,28 @@ def test_torch_compile(backend):
     loss, _, _ = compiled(imgs, mask)
     loss.backward()
     assert rel(loss, eager) < 1e-5
+
+
+def test_einops_patchify_runs_the_plain_reshape_ops():
+    """patchify / unpatchify are written with einops for readability: the same values as the plain
+    reshape-permute-reshape and the very same aten ops when traced (no cost in the training step)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fcmae.sparse.masking import patchify, unpatchify
+
+    def plain_patchify(x, p):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(n, -1, p * p * c)
+
+    def plain_unpatchify(y, p, grid, c):
+        n, (h, w) = y.shape[0], grid
+        return y.reshape(n, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h * p, w * p)
+
+    def ops(f, *args):
+        return [str(n.target) for n in make_fx(f)(*args).graph.nodes if n.op == "call_function"]
+
+    x = torch.randn(2, 4, 64, 96)
+    y = plain_patchify(x, 32)
+    assert torch.equal(patchify(x, 32), y) and torch.equal(unpatchify(y, 32, (2, 3), 4), x)
+    assert ops(lambda t: patchify(t, 32), x) == ops(lambda t: plain_patchify(t, 32), x)
+    assert ops(lambda t: unpatchify(t, 32, (2, 3), 4), y) == ops(lambda t: plain_unpatchify(t, 32, (2, 3), 4), y)

@@ -9,6 +9,7 @@ another number of processes with the same samples and draws at every step.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 _MOD = 2 ** 31 - 1  # hash arithmetic modulo a Mersenne prime: every product of two residues fits in int64
 _ROUNDS = ((48271, 12345), (69621, 98765), (16807, 55555), (39373, 24680))  # Park-Miller-family multipliers
@@ -84,13 +85,9 @@ def keep_indices(mask: torch.Tensor, num_visible: int | None = None) -> torch.Te
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, L, p*p*C), each patch flattened in (row, col, channel) order."""
-    n, c, h, w = imgs.shape
-    x = imgs.reshape(n, c, h // p, p, w // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+    return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
 
 
 def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], chans: int = 3) -> torch.Tensor:
     """(N, L, p*p*C) -> (N, C, h*p, w*p), the inverse of ``patchify`` for an (h, w) patch grid."""
-    n, (h, w) = x.shape[0], grid
-    x = x.reshape(n, h, w, p, p, chans)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, chans, h * p, w * p)
+    return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p, c=chans)

@@ -145,6 +145,32 @@ def unsharded(model):
         root.reshard()
 
 
+SHARDED_MODEL, SHARDED_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's FSDP2 checkpoint folders
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Whether a checkpoint was written by an FSDP2 run (its state in torch.distributed.checkpoint shards)."""
+    return (Path(ckpt) / SHARDED_MODEL).is_dir()
+
+
+def load_sharded(ckpt: Path, model, optimizer) -> None:
+    """Load an FSDP2 checkpoint, written by any number of processes, into an unsharded run: the model
+    and AdamW state gathered from the shards by torch.distributed.checkpoint (which reshards on load),
+    by parameter name. (An FSDP2 run loads it with Accelerate's load_state, resharded the same way.)"""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    module = getattr(model, "module", model)
+    module = getattr(module, "_orig_mod", module)
+    state = {"model": get_model_state_dict(module)}
+    dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_MODEL))
+    set_model_state_dict(module, state["model"])
+    optim = {"optimizer": get_optimizer_state_dict(module, optimizer)}  # the template: AdamW's state initialised
+    dcp.load(optim, checkpoint_id=str(Path(ckpt) / SHARDED_OPTIMIZER))
+    set_optimizer_state_dict(module, optimizer, optim["optimizer"])
+
+
 def report_sharding(accelerator: Accelerator, model) -> None:
     """Test hook: with ``FCMAE_SHARDING_REPORT=DIR`` each process writes ``DIR/sharding_RANK.json``:
     the FSDP units (module names, "" for the root) and every parameter's local and global shapes,

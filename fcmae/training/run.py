@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..data import StreamLoader
 from ..sparse.masking import sample_keys
 from .config import flatten, save_yaml
-from .distributed import accelerator_kwargs, after_prepare, configure, distributed_name
+from .distributed import accelerator_kwargs, after_prepare, configure, distributed_name, is_sharded, load_sharded
 from .health import Health
 from .optim import backward_micro_batch, lr_at, optimizer_step, set_lr
 from .outputs import claim_output_dir
@@ -172,7 +172,13 @@ class Run:
         ckpt = resolve_resume(self.cfg.resume, self.out)
         if ckpt is not None:
             saved = load_position(ckpt, self)
-            self.accelerator.load_state(str(ckpt))
+            if is_sharded(ckpt) and not self.accelerator.is_fsdp2:
+                load_sharded(ckpt, self.model, self.optimizer)  # an FSDP2 checkpoint, gathered for this run
+            elif self.accelerator.is_fsdp2 and not is_sharded(ckpt):
+                raise ValueError(f"{ckpt} was written by an unsharded (DDP) run: resume it without FSDP (launch "
+                                 "without --use_fsdp).")
+            else:
+                self.accelerator.load_state(str(ckpt))
             for k, v in saved.items():
                 setattr(pos, k, v)
             if pos.data and isinstance(self.loader, StreamLoader):  # a sharded stream: same data, its partitions

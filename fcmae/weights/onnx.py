@@ -59,7 +59,7 @@ def write_onnx(module: torch.nn.Module, out: Path, in_chans: int, size, config: 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".model.onnx.tmp{os.getpid()}"
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every stage
-        torch.onnx.export(_Input(module), (example,), str(tmp), dynamo=True, dynamic_shapes=shapes, opset_version=18,
+        torch.onnx.export(_Input(module).eval(), (example,), str(tmp), dynamo=True, dynamic_shapes=shapes, opset_version=18,
                           external_data=False)
     checks = [example, torch.randn(3, in_chans, h + multiple if multiple > 1 else h + 37, w)]
     try:

@@ -193,5 +193,7 @@ def build(cfg, cats):
     weights, name = open_pretrained(cfg.from_fcmae, cfg.model)
     cfg.model = name
     net = build_detector(name, cats.num_classes, cfg.task.eval_size, masks=cfg.masks, drop_path=cfg.drop_path)
+    if cfg.grad_checkpointing:  # the encoder's blocks; FPN and heads run once per level and are light
+        net.backbone.body.set_grad_checkpointing(True)
     what = f"--from-fcmae {cfg.from_fcmae}"
     return net, (load_encoder_into(net, weights, what=what) if weights is not None else None)

@@ -165,6 +165,22 @@ def encoder_name(name: str) -> str | None:
     return next(iter(rename_keys({name.removeprefix("backbone."): None}, HF_RENAMES)))
 
 
+def set_grad_checkpointing(segmenter) -> None:
+    """Recompute each backbone block's activations in the backward pass (transformers' ConvNeXt V2 has
+    no gradient checkpointing of its own): every ConvNeXt layer's forward runs under torch's
+    non-reentrant checkpoint. The heads work on the stride-4..32 maps once and are left as they are."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in segmenter.backbone.modules():
+        if isinstance(layer, block_classes()):
+            layer.forward = functools.partial(_checkpointed, checkpoint, layer.forward)
+
+
+def _checkpointed(checkpoint, forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs) if torch.is_grad_enabled() else \
+        forward(*args, **kwargs)
+
+
 def build(cfg, names: list[str]):
     """(segmenter, encoder LoadReport or None): ``cfg.model`` (or the source's) with the encoder of
     ``cfg.from_fcmae`` loaded strictly; the heads and per-stage output norms fresh."""
@@ -174,4 +190,6 @@ def build(cfg, names: list[str]):
         report = load_encoder_into(net, weights) if weights is not None else None
     except ValueError as e:
         raise ValueError(f"--from-fcmae {cfg.from_fcmae}: {e}") from None
+    if cfg.grad_checkpointing:
+        set_grad_checkpointing(net)
     return net, report
