@@ -32,7 +32,7 @@ SCRIPT = ROOT / "finetune" / "detect.py"
 CATS = [{"id": 2, "name": "square"}, {"id": 7, "name": "disc"}, {"id": 11, "name": "bar"}]
 COLOURS = {2: (230, 70, 60), 7: (70, 220, 90), 11: (80, 120, 240)}
 DET = ["--batch-size", "4", "--lr", "3e-4", "--mixed-precision", "no", "--num-workers", "0", "--report-to", "none",
-       "--input-size", "128", "--log-every", "5"]
+       "--train-short-side", "128", "--eval-short-side", "128", "--log-every", "5"]
 REF = ["--max-steps", "60", "--eval-every", "30", "--save-every", "20"]
 AP50_BAR = 0.3  # measured: box AP50 0.66 at step 60 (0.18 at step 30), segm AP50 0.67; chance is near 0
 
@@ -190,6 +190,7 @@ def test_fcmae_encoder_to_a_trained_detector(reference, pretrained):
     """Pretrain 10 steps, fine-tune 60 at 128 px: a clearly non-trivial box AP50, the outputs, the load."""
     evals = rows(reference, "eval")
     assert [r["step"] for r in evals] == [30, 60] and evals[-1]["bbox_mAP_50"] >= AP50_BAR, evals
+    assert evals[-1]["segm_mAP_50"] >= AP50_BAR, evals  # the mask head learns too
     assert all(-1 <= r[k] <= 1 for r in evals for k in r if "mAP" in k) and evals[-1]["val_images"] == 16
     assert {p.name for p in reference.iterdir()} >= {"config.yaml", "log.jsonl", "categories.json", "predictions",
                                                       "checkpoints", "best.safetensors", "last.safetensors",

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import ROOT, run_cli
@@ -167,3 +168,6 @@ def test_pretrain_runs_on_linked_class_folders(tmp_path):
              "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--num-recon", "2", "--lr", "1e-3",
              "--warmup-steps", "1", "--max-steps", "2", "--save-every", "2", "--data", data, "--output-dir", out])
     assert (out / "encoder.safetensors").exists()
+    # both linked class folders were read: 8 images, 2 steps of 4 an epoch, each image seen once
+    config, final = (yaml.safe_load((out / name).read_text()) for name in ("config.yaml", "final.yaml"))
+    assert config["steps_per_epoch"] == 2 and (final["epochs"], final["num_seen"], final["num_bad"]) == (1, 8, 0)

@@ -246,10 +246,11 @@ def test_cli_dry_run_prints_the_script(capsys, tmp_path):
 
 
 def test_default_num_workers():
-    """Inside an allocation: the task's CPUs over its processes, less one for the process (at least 1)."""
+    """Inside an allocation: the task's CPUs over its processes, less one for the process (at least 1);
+    outside: 4, or the machine's CPUs when fewer."""
     from fcmae.data import resolve_workers
 
-    for slurm_env, expected in (({}, 4), ({"SLURM_CPUS_PER_TASK": "32", "LOCAL_WORLD_SIZE": "4"}, 7),
+    for slurm_env, expected in (({}, min(4, os.cpu_count())), ({"SLURM_CPUS_PER_TASK": "32", "LOCAL_WORLD_SIZE": "4"}, 7),
                                 ({"SLURM_CPUS_PER_TASK": "2", "LOCAL_WORLD_SIZE": "2"}, 1),
                                 ({"SLURM_CPUS_PER_TASK": "10"}, 9)):
         with pytest.MonkeyPatch.context() as m:

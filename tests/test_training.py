@@ -31,3 +31,53 @@ def test_list_fields_and_channel_checks():
                             (dict(input_size=100), "multiple of 32"), (dict(model="convnextv2_ato"), "Did you mean")):
         with pytest.raises(ValueError, match=message):
             build(RunConfig, values).validate()
+
+
+def test_deprecated_flags_keep_their_old_meaning():
+    from fcmae.tasks.detect.config import DetectConfig
+    from fcmae.tasks.pretrain.config import PretrainConfig
+
+    with pytest.warns(FutureWarning, match="--input-size is deprecated"):
+        cfg = parse_args(DetectConfig, ["--input-size", "640"])
+    assert (cfg.train_short_side, cfg.eval_short_side) == (640, 640)
+    with pytest.warns(FutureWarning):
+        cfg = parse_args(DetectConfig, ["--jitter", "lsj", "--input-size", "1024", "--eval-short-side", "800"])
+    assert (cfg.crop_size, cfg.eval_short_side) == (1024, 800)
+    with pytest.warns(FutureWarning, match="--split"):
+        assert parse_args(PretrainConfig, ["--split", "unlabeled"]).train_split == "unlabeled"
+    # the class carries the task's defaults: the Mask R-CNN 3x recipe
+    assert (DetectConfig.lr, DetectConfig.epochs, DetectConfig.lr_milestones) == (1e-4, 36, [27, 33])
+
+
+def test_config_layers_and_yaml_round_trip(tmp_path):
+    import yaml
+
+    from fcmae.tasks.classify.config import FinetuneConfig
+    from fcmae.training.config import save_yaml
+
+    (tmp_path / "a.yaml").write_text("lr: 0.5\nepochs: 7\noptim:\n  weight_decay: 0.01\n")
+    cfg = parse_args(FinetuneConfig, ["--config", str(tmp_path / "a.yaml"), "--epochs", "3"])
+    assert (cfg.lr, cfg.epochs, cfg.weight_decay) == (0.5, 3, 0.01)  # flag > file > default
+    assert cfg.optim.weight_decay == cfg.weight_decay  # one field, two spellings
+    save_yaml(cfg.to_dict(), tmp_path / "b.yaml")
+    again = parse_args(FinetuneConfig, ["--config", str(tmp_path / "b.yaml")])
+    assert again == cfg and again.to_dict() == yaml.safe_load((tmp_path / "b.yaml").read_text())
+    (tmp_path / "c.yaml").write_text("lr: 0.5\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        parse_args(FinetuneConfig, ["--config", str(tmp_path / "c.yaml")])
+
+
+def test_resolved_schedule_by_hand():
+    from fcmae.tasks.detect.config import DetectConfig
+    from fcmae.training.run import resolve_schedule
+
+    # 36 epochs of 100 steps, milestones at 27 and 33 epochs, warmup capped at 500 steps
+    s = resolve_schedule(build(DetectConfig, {}), 100, 8)
+    assert (s.total, s.warmup, s.milestones, s.eff_batch, s.lr) == (3600, 360, (2700, 3300), 16, 1e-4)
+    # shortened with --max-steps: the milestones keep their place in the run
+    s = resolve_schedule(build(DetectConfig, dict(max_steps=360)), 100, 8)
+    assert (s.total, s.warmup, s.milestones) == (360, 36, (270, 330))
+    # blr scaling: lr = blr x effective batch / 256, and accumulation divides the steps
+    s = resolve_schedule(build(RunConfig, dict(lr=None, blr=1e-3, batch_size=32, grad_accum=2, epochs=2,
+                                               warmup_epochs=0.5)), 10, 4)
+    assert (s.total, s.warmup, s.eff_batch) == (10, 2, 256) and s.lr == pytest.approx(1e-3)

@@ -38,13 +38,13 @@ from .stream import StreamLoader, build_stream_loader
 from .transforms import by_input
 
 
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def resolve_workers(num_workers: int | None) -> int:
     """``--num-workers``, else, inside a Slurm allocation, the CPUs Slurm gave the task
     (``SLURM_CPUS_PER_TASK``) divided among its processes (torchrun's ``LOCAL_WORLD_SIZE``) less one
-    for the process itself (at least 1), else 4."""
+    for the process itself (at least 1), else 4 (at most the machine's CPUs)."""
     if num_workers is not None:
         return num_workers
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")

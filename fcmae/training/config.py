@@ -416,12 +416,18 @@ def parse_args(cls, argv: list[str] | None = None, description: str = "", choose
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a command line tool prints it: one line, no source excerpt."""
+    return f"{category.__name__}: {message}\n"
+
+
 def exit_on_user_error(fn, *args, **kwargs):
     """``fn(*args, **kwargs)``; a user error exits with status 2 and its message, no traceback
     (``FCMAE_DEBUG=1`` keeps the traceback); a run stopped by a signal, its checkpoint written, exits
     with ``EXIT_PREEMPTED`` (75)."""
     from .preempt import EXIT_PREEMPTED, Preempted
 
+    warnings.formatwarning = _one_line_warning
     try:
         return fn(*args, **kwargs)
     except Preempted:

@@ -382,8 +382,9 @@ def reseed(seed: int, step: int, rank: int) -> None:
 
 
 def ranks_identical(accelerator: Accelerator, module: torch.nn.Module) -> bool | None:
-    """Replicated training (DDP): compare every rank's parameter fingerprints. None when sharded."""
-    if accelerator.distributed_type not in REPLICATED:
+    """Replicated training (DDP): compare every rank's parameter fingerprints. None when there is
+    nothing to compare (one process) or the parameters are sharded."""
+    if accelerator.distributed_type not in REPLICATED or accelerator.num_processes == 1:
         return None
     fingerprint = torch.stack([p.detach().double().sum() for p in module.parameters()]).to(accelerator.device)
     prints = accelerator.gather(fingerprint[None]).cpu()
