@@ -1,5 +1,6 @@
 """Tiny datasets for the wheel check (.ci/check_wheel.sh): class folders, an ADE20K-layout folder and
 a COCO-layout folder of coloured shapes, written under the folder given."""
+
 import json
 import sys
 from pathlib import Path
@@ -39,12 +40,22 @@ def main(root: Path) -> None:
             image.save(root / "coco" / coco / f"{i}.png")
             images.append({"id": i + 1, "file_name": f"{i}.png", "width": 72, "height": 72})
             polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
-            anns.append({"id": i + 1, "image_id": i + 1, "category_id": kind, "bbox": [x, y, w, h], "area": w * h,
-                         "iscrowd": 0, "segmentation": [polygon]})
+            anns.append(
+                {
+                    "id": i + 1,
+                    "image_id": i + 1,
+                    "category_id": kind,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "segmentation": [polygon],
+                }
+            )
         (root / "coco" / "annotations").mkdir(exist_ok=True)
         cats = [{"id": 1, "name": "box"}, {"id": 2, "name": "ball"}]
         (root / "coco" / "annotations" / f"instances_{split}2017.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats}))
+            json.dumps({"images": images, "annotations": anns, "categories": cats})
+        )
 
 
 if __name__ == "__main__":

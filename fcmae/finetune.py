@@ -1,4 +1,5 @@
 """``python -m fcmae.finetune ...`` (and ``fcmae-finetune``): the same as ``fcmae finetune ...``."""
+
 from .tasks.classify import main as _main
 
 

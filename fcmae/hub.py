@@ -1,6 +1,7 @@
 """``python -m fcmae.hub export|push ...`` (and ``fcmae-hub``): the same as ``fcmae export|push ...``.
 ``fcmae.hub.load_fcmae_weights`` (continue pretraining from a pushed FCMAE) stays importable from here,
 as published model cards show it."""
+
 import sys
 
 from .cli.hub import run

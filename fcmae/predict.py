@@ -1,4 +1,5 @@
 """``python -m fcmae.predict ...`` (and ``fcmae-predict``): the same as ``fcmae predict ...``."""
+
 import sys
 
 from .cli.predict import main as _main

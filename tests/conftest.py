@@ -7,8 +7,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +19,10 @@ def _seed():
 @pytest.fixture
 def rel_err():
     """max |a - b| / max |b|: the error measure every equivalence test uses."""
+
     def fn(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).abs().max() / b.abs().max()).item()
+
     return fn
 
 
@@ -33,8 +35,14 @@ CLI_ENV.pop("FCMAE_FAULT", None)
 def run_cli(args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
     """``python ARGS...`` from the repository root, as a user runs it; with ``check``, a non-zero
     exit fails the test with the command's output."""
-    proc = subprocess.run([sys.executable, *map(str, args)], env={**CLI_ENV, **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)],
+        env={**CLI_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

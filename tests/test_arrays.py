@@ -1,4 +1,5 @@
 """N-channel arrays: reading (.npy, TIFF), integer scaling, transforms, per-channel statistics, CLI."""
+
 import io
 import itertools
 import os
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from fcmae.data.__main__ import list_files, main
 from fcmae.data.arrays import array_eval_transform, array_train_transform, channel_stats, read_array
 
@@ -31,10 +32,14 @@ def test_tiff_band_layouts_round_trip(tmp_path, bands):
         "stack_first.tif": (lambda p: tifffile.imwrite(p, nhw, photometric="minisblack"), "first"),  # no band tag
     }
     if bands > 1:  # bands as samples per pixel (GDAL's layout): the tags say where they are
-        files["contig.tif"] = (lambda p: tifffile.imwrite(p, hwn, photometric="minisblack",
-                                                         planarconfig="contig", metadata=None), "first")
-        files["planar.tif"] = (lambda p: tifffile.imwrite(p, nhw, photometric="minisblack",
-                                                         planarconfig="separate", metadata=None), "last")
+        files["contig.tif"] = (
+            lambda p: tifffile.imwrite(p, hwn, photometric="minisblack", planarconfig="contig", metadata=None),
+            "first",
+        )
+        files["planar.tif"] = (
+            lambda p: tifffile.imwrite(p, nhw, photometric="minisblack", planarconfig="separate", metadata=None),
+            "last",
+        )
     else:
         files["plain.tiff"] = (lambda p: tifffile.imwrite(p, hwn[..., 0]), "first")
     for name, (write, axis) in files.items():
@@ -92,6 +97,7 @@ def test_errors_name_the_file(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "lzw.tif", compression="tiff_lzw")
     try:
         import imagecodecs  # noqa: F401
+
         np.testing.assert_allclose(read_array(tmp_path / "lzw.tif"), rgb / 255, atol=1e-7)
     except ImportError:
         with pytest.raises(ValueError, match=r"lzw\.tif.*pip install imagecodecs"):
@@ -142,8 +148,7 @@ def test_channel_stats_equal_numpy_over_all_pixels(tmp_path):
     # a sample of 2: the statistics of one pair of files, drawn from the seed
     mean2, std2 = channel_stats(files, "first", sample=2, seed=1)
     pairs = [np.concatenate([arrays[i], arrays[j]]) for i, j in itertools.combinations(range(5), 2)]
-    assert any(np.allclose(mean2, p.mean(0), rtol=1e-12) and np.allclose(std2, p.std(0), rtol=1e-12)
-               for p in pairs)
+    assert any(np.allclose(mean2, p.mean(0), rtol=1e-12) and np.allclose(std2, p.std(0), rtol=1e-12) for p in pairs)
     # images: RGB values / 255
     for i in range(3):
         Image.fromarray(RNG.integers(0, 256, (8 + i, 9, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
@@ -180,6 +185,7 @@ def test_cli_prints_stats_and_exits_2_on_user_errors(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the loaders in array mode
 
+
 def _constant_bands(folder, values, n=4, size=(40, 48), first=False):
     """n .npy files whose band c is the constant values[c] (uint16): any resize or crop keeps it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -196,8 +202,9 @@ def test_pretrain_loader_and_recon_batch_of_four_channel_npy(tmp_path):
     want = ((torch.tensor(values) / 65535 - torch.tensor(mean)) / torch.tensor(std))[:, None, None]  # by hand
     folder = _constant_bands(tmp_path / "npy", values, first=True)
     np.save(folder / "wrong.npy", np.zeros((3, 40, 48), np.uint16))  # 3 bands in a 4-band run: a bad file
-    cfg = DataConfig(data=str(folder), input_size=32, in_chans=4, mean=mean, std=std, channel_axis="first",
-                     max_bad_fraction=0.5)
+    cfg = DataConfig(
+        data=str(folder), input_size=32, in_chans=4, mean=mean, std=std, channel_axis="first", max_bad_fraction=0.5
+    )
     with pytest.warns(UserWarning, match=r"wrong\.npy: 3 channels"):
         imgs, ok = next(iter(build_pretrain_loader(cfg, batch_size=5, seed=1)))
     assert imgs.shape == (5, 4, 32, 32) and ok.tolist().count(False) == 1
@@ -212,8 +219,9 @@ def test_streaming_all_bad_stand_in_has_n_channels():
     from fcmae.data.arrays import array_train_transform
 
     mean, std = [0.2] * 5, [0.5] * 5
-    ds = StreamingPretrainImages(None, array_train_transform(32, mean, std), 2, 1, 32, max_bad_fraction=1.0,
-                                 reader=Reader(5), mean=mean)
+    ds = StreamingPretrainImages(
+        None, array_train_transform(32, mean, std), 2, 1, 32, max_bad_fraction=1.0, reader=Reader(5), mean=mean
+    )
     with pytest.warns(UserWarning, match="Skipping"):
         out = list(ds._group(0, [b"not an array", b"nor this"]))
     assert [ok for _, ok in out] == [False, False]
@@ -229,21 +237,38 @@ def test_labelled_npy_folders_train_and_val(tmp_path):
         for k, name in enumerate(("a", "b")):
             _constant_bands(tmp_path / split / name, [1000 * (k + 1)] * 4, n=2)
     (tmp_path / "val" / "b" / "c1.npy").write_bytes(b"broken")
-    cfg = SimpleNamespace(data=str(tmp_path), dataset_name=None, dataset_config_name=None, train_split="train",
-                          val_split="validation", label_column=None, image_column=None, input_size=32, batch_size=2,
-                          num_workers=0, seed=0, max_bad_fraction=0.5, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
-                          color_jitter=0.4, crop_pct=None, eval_batch_size=4, in_chans=4, mean=[0.0] * 4,
-                          std=[1.0] * 4, channel_axis="last")
+    cfg = SimpleNamespace(
+        data=str(tmp_path),
+        dataset_name=None,
+        dataset_config_name=None,
+        train_split="train",
+        val_split="validation",
+        label_column=None,
+        image_column=None,
+        input_size=32,
+        batch_size=2,
+        num_workers=0,
+        seed=0,
+        max_bad_fraction=0.5,
+        aa="rand-m9-mstd0.5-inc1",
+        reprob=0.25,
+        color_jitter=0.4,
+        crop_pct=None,
+        eval_batch_size=4,
+        in_chans=4,
+        mean=[0.0] * 4,
+        std=[1.0] * 4,
+        channel_axis="last",
+    )
     train, train_y, val, val_y, names = load_labelled(cfg)
     assert names == ["a", "b"] and sorted(train_y) == [0, 0, 1, 1]
     with pytest.warns(UserWarning, match="apply to RGB images only"):
-        loader = build_train_loader(cfg, train, train_y, cfg.batch_size, cfg.seed, cfg.aa, cfg.reprob,
-                                    cfg.color_jitter)
+        loader = build_train_loader(cfg, train, train_y, cfg.batch_size, cfg.seed, cfg.aa, cfg.reprob, cfg.color_jitter)
     loader.set_epoch(0)
-    x, y, ok = next(iter(loader))
+    x, _, ok = next(iter(loader))
     assert x.shape == (2, 4, 32, 32) and ok.all()
     with pytest.warns(UserWarning, match=r"c1\.npy"):
-        x, y, ok = next(iter(build_val_loader(cfg, val, val_y, cfg.eval_batch_size, cfg.crop_pct)))
+        x, _, ok = next(iter(build_val_loader(cfg, val, val_y, cfg.eval_batch_size, cfg.crop_pct)))
     assert x.shape == (4, 4, 32, 32) and ok.tolist() == [True, True, True, False]
     assert torch.equal(x[3], torch.zeros(4, 32, 32))  # the placeholder of the unreadable file: 4 channels
     torch.testing.assert_close(x[0], torch.full((4, 32, 32), 1000 / 65535))  # mean 0, std 1: values as read

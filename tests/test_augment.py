@@ -6,6 +6,7 @@ non-square, large, all converted with to_rgb as the loaders do.
 References: ops other than posterize against timm's own op functions with the same draws; posterize
 against the bit mask worked out with numpy (value & ~(2^(8 - bits) - 1), zero for 0 bits kept); the
 pretraining and evaluation transforms against the normalised colour of a solid image."""
+
 import copy
 import random
 

@@ -1,16 +1,17 @@
 """The arithmetic the benchmark tables rest on: FLOP counts and the --num-workers advice."""
+
 import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from fvcore.nn import FlopCountAnalysis
 
 import fcmae
-from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_data  # noqa: E402
-import bench_pretrain  # noqa: E402
+import bench_data
+import bench_pretrain
 
 
 def fvcore_macs(module, x) -> float:
@@ -38,8 +39,12 @@ def test_useful_flops_count_visible_sites_only():
 
 
 def test_worker_advice():
-    rows = [dict(workers=0, images_per_sec=120.0, per_worker=120.0), dict(workers=1, images_per_sec=100.0, per_worker=100.0),
-            dict(workers=2, images_per_sec=190.0, per_worker=95.0), dict(workers=4, images_per_sec=350.0, per_worker=87.5)]
+    rows = [
+        dict(workers=0, images_per_sec=120.0, per_worker=120.0),
+        dict(workers=1, images_per_sec=100.0, per_worker=100.0),
+        dict(workers=2, images_per_sec=190.0, per_worker=95.0),
+        dict(workers=4, images_per_sec=350.0, per_worker=87.5),
+    ]
     step = dict(model="m", size=224, precision="bf16", channels_last=True, compile=True, backend="gather")
     need = [50.0, 100.0, 150.0, 350.0, 351.0, 700.0]
     got = [r["num_workers"] for r in bench_data.recommend(rows, [step | {"images_per_sec": n} for n in need])]

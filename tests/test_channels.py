@@ -1,6 +1,7 @@
 """Any number of input channels (in_chans N): the FCMAE backends agree, the loss is patchify +
 norm-pix MSE over N channels, the encoder is timm's ``in_chans=N`` ConvNeXt V2, RGB weights adapt to N
 channels exactly as timm adapts them, and N-channel exports load in timm and transformers."""
+
 import json
 import math
 
@@ -14,8 +15,13 @@ from timm.models._manipulate import adapt_input_conv
 import fcmae
 from fcmae.models.fcmae import create_fcmae
 from fcmae.weights.adapt import adapt_stem
-from fcmae.weights.formats import fcmae_args_from_state_dict, load_fcmae_weights, to_timm_state_dict, write_timm, \
-    write_transformers
+from fcmae.weights.formats import (
+    fcmae_args_from_state_dict,
+    load_fcmae_weights,
+    to_timm_state_dict,
+    write_timm,
+    write_transformers,
+)
 
 CHANNELS = [1, 4, 7]
 
@@ -90,7 +96,7 @@ def patchify_reference(imgs: np.ndarray, p: int) -> np.ndarray:
         for q in range(W // p):
             for i in range(p):
                 for j in range(p):
-                    out[:, r * (W // p) + q, (i * p + j) * c:(i * p + j + 1) * c] = imgs[:, :, r * p + i, q * p + j]
+                    out[:, r * (W // p) + q, (i * p + j) * c : (i * p + j + 1) * c] = imgs[:, :, r * p + i, q * p + j]
     return out
 
 
@@ -187,8 +193,13 @@ def test_rgb_checkpoint_into_four_channel_model_matches_timm(tmp_path):
     theirs.load_state_dict({**timm_sd, "stem.0.weight": adapt_input_conv(4, timm_sd["stem.0.weight"])}, strict=True)
     # and timm's own pretrained path, which adapts the stem inside load_pretrained
     save_file({k: v.contiguous() for k, v in timm_sd.items()}, str(tmp_path / "rgb.safetensors"))
-    loaded = timm.create_model("convnextv2_atto", pretrained=True, in_chans=4, num_classes=10,
-                               pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.safetensors"), num_classes=10))
+    loaded = timm.create_model(
+        "convnextv2_atto",
+        pretrained=True,
+        in_chans=4,
+        num_classes=10,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.safetensors"), num_classes=10),
+    )
     x = torch.randn(2, 4, 64, 96)
     with torch.no_grad():
         logits = ours(x)

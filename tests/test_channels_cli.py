@@ -1,6 +1,7 @@
 """N-channel data end to end, through the entry points a user runs: FCMAE pretraining on 4-band .npy
 and TIFF files, the timm export of the run, fine-tuning on labelled .npy folders, (N, H, W) arrays,
 files with the wrong channel count, and an RGB encoder adapted to a 4-channel stem."""
+
 import json
 import subprocess
 import sys
@@ -12,16 +13,34 @@ import tifffile
 import timm
 import torch
 import yaml
+from conftest import CLI_ENV as ENV
+from conftest import ROOT, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
 import fcmae
-from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
 
 PRETRAIN, FINETUNE = str(ROOT / "fcmae" / "pretrain.py"), str(ROOT / "finetune" / "run.py")
-TINY = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--decoder-dim", "32",
-        "--num-workers", "0", "--report-to", "none", "--log-every", "1", "--lr", "3e-3", "--warmup-steps", "2"]
+TINY = [
+    "--model",
+    "convnextv2_atto",
+    "--input-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--decoder-dim",
+    "32",
+    "--num-workers",
+    "0",
+    "--report-to",
+    "none",
+    "--log-every",
+    "1",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "2",
+]
 H, W, N = 72, 80, 4
 
 
@@ -73,9 +92,30 @@ def npy_run(tmp_path_factory):
     arrays = write_npy(root / "data", 16)
     mean, std = stats(arrays)
     out = root / "run"
-    run_cli([PRETRAIN, *TINY, "--data", root / "data", "--in-chans", "4", "--mean", mean, "--std", std,
-             "--vis-channels", "3,1,0", "--num-recon", "2", "--max-steps", "24", "--save-every", "24",
-             "--output-dir", out])
+    run_cli(
+        [
+            PRETRAIN,
+            *TINY,
+            "--data",
+            root / "data",
+            "--in-chans",
+            "4",
+            "--mean",
+            mean,
+            "--std",
+            std,
+            "--vis-channels",
+            "3,1,0",
+            "--num-recon",
+            "2",
+            "--max-steps",
+            "24",
+            "--save-every",
+            "24",
+            "--output-dir",
+            out,
+        ]
+    )
     return out, mean, std
 
 
@@ -84,8 +124,13 @@ def test_pretrain_on_npy_and_export_to_timm(npy_run, tmp_path):
     assert_learns_and_draws(out)
     assert yaml.safe_load((out / "config.yaml").read_text())["in_chans"] == 4
     export = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "fcmae.hub", "export", "--checkpoint", str(out), "--out", str(export)],
-                   env=ENV, check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "fcmae.hub", "export", "--checkpoint", str(out), "--out", str(export)],
+        env=ENV,
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     config = json.loads((export / "config.json").read_text())
     assert config["pretrained_cfg"]["mean"] == pytest.approx([float(m) for m in mean.split(",")])
     ours = fcmae.create_model("convnextv2_atto", num_classes=0, in_chans=4).eval()
@@ -108,8 +153,28 @@ def test_pretrain_on_multiband_tiff(tmp_path):
         tifffile.imwrite(tmp_path / "tif" / f"t{i:02d}.tif", a, photometric="minisblack", planarconfig="contig")
     mean, std = stats(arrays)
     out = tmp_path / "run"
-    run_cli([PRETRAIN, *TINY, "--data", tmp_path / "tif", "--in-chans", "4", "--mean", mean, "--std", std,
-             "--num-recon", "2", "--max-steps", "24", "--save-every", "24", "--output-dir", out])
+    run_cli(
+        [
+            PRETRAIN,
+            *TINY,
+            "--data",
+            tmp_path / "tif",
+            "--in-chans",
+            "4",
+            "--mean",
+            mean,
+            "--std",
+            std,
+            "--num-recon",
+            "2",
+            "--max-steps",
+            "24",
+            "--save-every",
+            "24",
+            "--output-dir",
+            out,
+        ]
+    )
     assert_learns_and_draws(out)
 
 
@@ -126,9 +191,35 @@ def make_labelled(root: Path) -> Path:
 def test_finetune_from_a_four_channel_run(npy_run, tmp_path):
     run, mean, std = npy_run
     data, out = make_labelled(tmp_path / "labelled"), tmp_path / "ft"
-    proc = run_cli([FINETUNE, "--input-size", "64", "--batch-size", "4", "--num-workers", "0", "--report-to", "none",
-                    "--from-fcmae", run, "--in-chans", "4", "--mean", mean, "--std", std, "--data", data,
-                    "--epochs", "2", "--lr", "1e-3", "--output-dir", out])
+    proc = run_cli(
+        [
+            FINETUNE,
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--from-fcmae",
+            run,
+            "--in-chans",
+            "4",
+            "--mean",
+            mean,
+            "--std",
+            std,
+            "--data",
+            data,
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--output-dir",
+            out,
+        ]
+    )
     assert "apply to RGB images only" in proc.stderr  # --aa (on by default) is skipped for arrays, with a note
     best = load_file(str(out / "best.safetensors"))
     assert best["stem.0.weight"].shape[1] == 4 and best["head.fc.weight"].shape[0] == 2
@@ -137,8 +228,7 @@ def test_finetune_from_a_four_channel_run(npy_run, tmp_path):
     # prediction reads the run's channels, mean and std from the checkpoint
     sample = sorted((data / "val").rglob("*.npy"))[0]
     (tmp_path / "rgb.png").write_bytes(b"\x89PNG not really")
-    pred = run_cli(["-m", "fcmae.predict", sample, tmp_path / "rgb.png",
-                    "--checkpoint", out], check=False)
+    pred = run_cli(["-m", "fcmae.predict", sample, tmp_path / "rgb.png", "--checkpoint", out], check=False)
     assert pred.returncode == 1 and pred.stdout.splitlines()[0] == str(sample) and "rgb.png" in pred.stderr
     # independent: timm's 4-channel atto with the fine-tuned weights, the eval transform written out
     import torchvision.transforms.v2.functional as F
@@ -159,8 +249,26 @@ def test_channels_first_npy_and_a_wrong_channel_count(tmp_path):
     arrays = write_npy(data, 7, seed=3, first=True)  # (4, H, W) files
     np.save(data / "rgb.npy", np.zeros((3, H, W), np.uint8))  # 3 channels: a bad file
     mean, std = stats(arrays)
-    args = [PRETRAIN, *TINY, "--data", data, "--in-chans", "4", "--mean", mean, "--std", std, "--channel-axis",
-            "first", "--num-recon", "0", "--max-steps", "30", "--save-every", "30"]
+    args = [
+        PRETRAIN,
+        *TINY,
+        "--data",
+        data,
+        "--in-chans",
+        "4",
+        "--mean",
+        mean,
+        "--std",
+        std,
+        "--channel-axis",
+        "first",
+        "--num-recon",
+        "0",
+        "--max-steps",
+        "30",
+        "--save-every",
+        "30",
+    ]
     proc = run_cli([*args, "--max-bad-fraction", "0.3", "--output-dir", tmp_path / "ok"])
     assert "rgb.npy" in proc.stderr and "3 channels" in proc.stderr  # named, with the reason
     final = yaml.safe_load((tmp_path / "ok" / "final.yaml").read_text())
@@ -176,11 +284,51 @@ def test_rgb_encoder_adapted_to_four_channels(tmp_path):
     (tmp_path / "rgb").mkdir()
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(tmp_path / "rgb" / f"{i}.png")
-    run_cli([PRETRAIN, *TINY, "--data", tmp_path / "rgb", "--num-recon", "0", "--max-steps", "2", "--save-every", "2",
-             "--output-dir", tmp_path / "rgb_run"])
+    run_cli(
+        [
+            PRETRAIN,
+            *TINY,
+            "--data",
+            tmp_path / "rgb",
+            "--num-recon",
+            "0",
+            "--max-steps",
+            "2",
+            "--save-every",
+            "2",
+            "--output-dir",
+            tmp_path / "rgb_run",
+        ]
+    )
     data, out = make_labelled(tmp_path / "labelled"), tmp_path / "ft"
-    proc = run_cli([FINETUNE, "--input-size", "64", "--batch-size", "4", "--num-workers", "0", "--report-to", "none",
-                    "--from-fcmae", tmp_path / "rgb_run", "--in-chans", "4", "--mean", "0.5,0.5,0.5,0.5", "--std",
-                    "0.3,0.3,0.3,0.3", "--aa", "none", "--data", data, "--epochs", "1", "--output-dir", out])
+    proc = run_cli(
+        [
+            FINETUNE,
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--from-fcmae",
+            tmp_path / "rgb_run",
+            "--in-chans",
+            "4",
+            "--mean",
+            "0.5,0.5,0.5,0.5",
+            "--std",
+            "0.3,0.3,0.3,0.3",
+            "--aa",
+            "none",
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--output-dir",
+            out,
+        ]
+    )
     assert "adapted the stem from 3 to 4 input channels" in proc.stdout + proc.stderr
     assert load_file(str(out / "best.safetensors"))["stem.0.weight"].shape[1] == 4

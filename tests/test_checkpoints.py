@@ -1,5 +1,7 @@
 """load_checkpoint against independent implementations: timm, transformers, and official layouts
-rebuilt here by hand from timm weights (the official code's and timm's checkpoint layouts), never with fcmae's rename tables."""
+rebuilt here by hand from timm weights (the official code's and timm's checkpoint layouts), never with
+fcmae's rename tables."""
+
 import argparse
 import functools
 
@@ -7,8 +9,8 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.weights.convert import convert_state_dict
 from fcmae.weights import load_checkpoint
+from fcmae.weights.convert import convert_state_dict
 
 timm = pytest.importorskip("timm")
 
@@ -35,7 +37,7 @@ def perturb_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def timm_reference(name: str):
     """(state dict, input, features, logits) of a perturbed timm model; 2 images of 64x96."""
     torch.manual_seed(sorted(ARCH).index(name))
@@ -108,8 +110,9 @@ def _hf_reference(name: str, v1: bool):
     transformers = pytest.importorskip("transformers")
     depths, dims = ARCH[name]
     kind = "ConvNext" if v1 else "ConvNextV2"
-    config = getattr(transformers, f"{kind}Config")(depths=list(depths), hidden_sizes=list(dims),
-                                                     layer_norm_eps=1e-6, num_labels=N_CLASSES)
+    config = getattr(transformers, f"{kind}Config")(
+        depths=list(depths), hidden_sizes=list(dims), layer_norm_eps=1e-6, num_labels=N_CLASSES
+    )
     hf = perturb_(getattr(transformers, f"{kind}ForImageClassification")(config)).eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -204,7 +207,8 @@ def to_minkowski(sd: dict, decoder_dim: int = 512) -> dict:
         elif p[2] == "downsample":
             name = "kernel" if p[4] == "weight" else "bias"
             out[f"encoder.downsample_layers.{p[1]}.1.{name}"] = (
-                minkowski_kernel(v, depthwise=False) if p[4] == "weight" else v.reshape(1, -1))
+                minkowski_kernel(v, depthwise=False) if p[4] == "weight" else v.reshape(1, -1)
+            )
         else:
             block, rest = f"encoder.stages.{p[1]}.{p[3]}", p[4:]
             if rest == ["conv_dw", "weight"]:
@@ -218,13 +222,23 @@ def to_minkowski(sd: dict, decoder_dim: int = 512) -> dict:
             else:
                 out[f"{block}.pwconv{rest[1][-1]}.linear.{rest[2]}"] = v.reshape(v.shape[0], -1) if v.ndim > 1 else v
     d, c4 = decoder_dim, sd["head.norm.weight"].shape[0]
-    decoder = {"proj.weight": (d, c4, 1, 1), "proj.bias": (d,), "mask_token": (1, d, 1, 1),
-               "decoder.0.dwconv.weight": (d, 1, 7, 7), "decoder.0.dwconv.bias": (d,),
-               "decoder.0.norm.weight": (d,), "decoder.0.norm.bias": (d,),
-               "decoder.0.pwconv1.weight": (4 * d, d), "decoder.0.pwconv1.bias": (4 * d,),
-               "decoder.0.grn.gamma": (1, 1, 1, 4 * d), "decoder.0.grn.beta": (1, 1, 1, 4 * d),
-               "decoder.0.pwconv2.weight": (d, 4 * d), "decoder.0.pwconv2.bias": (d,),
-               "pred.weight": (32 * 32 * 3, d, 1, 1), "pred.bias": (32 * 32 * 3,)}
+    decoder = {
+        "proj.weight": (d, c4, 1, 1),
+        "proj.bias": (d,),
+        "mask_token": (1, d, 1, 1),
+        "decoder.0.dwconv.weight": (d, 1, 7, 7),
+        "decoder.0.dwconv.bias": (d,),
+        "decoder.0.norm.weight": (d,),
+        "decoder.0.norm.bias": (d,),
+        "decoder.0.pwconv1.weight": (4 * d, d),
+        "decoder.0.pwconv1.bias": (4 * d,),
+        "decoder.0.grn.gamma": (1, 1, 1, 4 * d),
+        "decoder.0.grn.beta": (1, 1, 1, 4 * d),
+        "decoder.0.pwconv2.weight": (d, 4 * d),
+        "decoder.0.pwconv2.bias": (d,),
+        "pred.weight": (32 * 32 * 3, d, 1, 1),
+        "pred.bias": (32 * 32 * 3,),
+    }
     out.update({k: torch.randn(shape) for k, shape in decoder.items()})
     return out
 
@@ -239,8 +253,13 @@ def test_official_minkowski_training_checkpoint(rel_err, tmp_path):
     sd, x, features, _ = timm_reference("convnextv2_atto")
     model_sd = to_minkowski(sd)
     # the official training checkpoint, as its save_model writes it (args is an argparse.Namespace)
-    ckpt = {"model": model_sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
-            "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="convnextv2_atto", mask_ratio=0.6)}
+    ckpt = {
+        "model": model_sd,
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 799,
+        "scaler": {"scale": 65536.0},
+        "args": argparse.Namespace(model="convnextv2_atto", mask_ratio=0.6),
+    }
     torch.save(ckpt, tmp_path / "checkpoint-799.pth")
     model = blank("convnextv2_atto")
     report = load_checkpoint(model, tmp_path / "checkpoint-799.pth")

@@ -1,16 +1,17 @@
 """The ``fcmae`` command: every subcommand answers --help, a wrong flag or command is one ``error:``
 line with status 2, ``--version`` prints the package's version, and the old entry points are the
 same commands."""
+
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import CLI_ENV, run_cli
 
 import fcmae
 from fcmae.cli import COMMANDS, main
-from conftest import CLI_ENV, run_cli
 
 TASKS = ("pretrain", "finetune", "segment", "detect")
 
@@ -38,18 +39,24 @@ def test_top_level_help_version_and_unknown_command(capsys):
     status, out, _ = call(["--version"], capsys)
     assert status == 0 and out.strip() == f"fcmae {fcmae.__version__}"
     status, _, err = call(["pretrian"], capsys)
-    assert status == 2 and err.strip().splitlines()[-1] == ("fcmae: error: unknown command 'pretrian' (choose from "
-                                                            + ", ".join(COMMANDS) + ")")
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        "fcmae: error: unknown command 'pretrian' (choose from " + ", ".join(COMMANDS) + ")"
+    )
 
 
-@pytest.mark.parametrize("argv,flag", [(["pretrain", "--learning-rate", "1"], "--learning-rate"),
-                                       (["finetune", "--data", "d", "--mixupp", "0.2"], "--mixupp"),
-                                       (["segment", "--data", "d", "--lrr", "1"], "--lrr"),
-                                       (["detect", "--data", "d", "--tag", "x"], "--tag"),
-                                       (["export", "--checkpoint", "c", "--out", "o", "--fromat", "timm"], "--fromat"),
-                                       (["embed", "d", "--checkpoint", "c", "--out", "f.parquet", "--x"], "--x"),
-                                       (["data", "stats", "d", "--samples", "3"], "--samples"),
-                                       (["models", "--model", "x"], "--model")])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["pretrain", "--learning-rate", "1"], "--learning-rate"),
+        (["finetune", "--data", "d", "--mixupp", "0.2"], "--mixupp"),
+        (["segment", "--data", "d", "--lrr", "1"], "--lrr"),
+        (["detect", "--data", "d", "--tag", "x"], "--tag"),
+        (["export", "--checkpoint", "c", "--out", "o", "--fromat", "timm"], "--fromat"),
+        (["embed", "d", "--checkpoint", "c", "--out", "f.parquet", "--x"], "--x"),
+        (["data", "stats", "d", "--samples", "3"], "--samples"),
+        (["models", "--model", "x"], "--model"),
+    ],
+)
 def test_an_unknown_flag_is_one_error_line_naming_it(argv, flag, capsys):
     status, _, err = call(argv, capsys)
     lines = err.strip().splitlines()
@@ -69,8 +76,7 @@ def test_console_script_module_and_old_entry_points_are_the_same_command(tmp_pat
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, env=CLI_ENV)
     assert version.returncode == 0 and version.stdout.strip() == f"fcmae {fcmae.__version__}"
     assert run_cli(["-m", "fcmae", "--version"]).stdout.strip() == f"fcmae {fcmae.__version__}"
-    for script, task in (("fcmae/pretrain.py", "pretrain"), ("finetune/run.py", "finetune"),
-                         ("finetune/segment.py", "segment"), ("finetune/detect.py", "detect")):
+    for script in ("fcmae/pretrain.py", "finetune/run.py", "finetune/segment.py", "finetune/detect.py"):
         out = run_cli([script, "--help"]).stdout
         assert "--output-dir" in out and "--lr" in out, script
     assert "predict" in run_cli(["-m", "fcmae.predict", "--help"]).stdout

@@ -5,6 +5,7 @@ then ends bitwise equal to the uninterrupted run, for pretraining under DDP and 
 fine-tuning under DDP; the same checkpoints resumed on 1 process with the same global batch (2 x 4
 -> 1 x 8; the FSDP2 one gathered from its shards) repeat the run up to float summation order; and
 activation checkpointing gives the same gradients with a lower peak memory."""
+
 import json
 import os
 import random
@@ -16,20 +17,57 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import CLI_ENV, ROOT, run_cli
+from safetensors.torch import load_file
 from test_distributed import FINETUNE, FSDP, PRETRAIN, assert_bitwise_equal, launch, rows
 from test_finetune import make_shapes
 from test_pretrain import make_images
 
 COMMON = ["--input-size", "64", "--num-workers", "0", "--report-to", "none", "--log-every", "1"]
 # 48 images, 4 per process: 6 steps an epoch; a stop at a random step between two regular checkpoints
-PRE = [*COMMON, "--model", "convnextv2_atto", "--batch-size", "4", "--decoder-dim", "32", "--num-recon", "0",
-       "--lr", "1e-3", "--warmup-steps", "2", "--max-steps", "16", "--save-every", "12", "--drop-path", "0.1"]
+PRE = [
+    *COMMON,
+    "--model",
+    "convnextv2_atto",
+    "--batch-size",
+    "4",
+    "--decoder-dim",
+    "32",
+    "--num-recon",
+    "0",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "2",
+    "--max-steps",
+    "16",
+    "--save-every",
+    "12",
+    "--drop-path",
+    "0.1",
+]
 # 12 training images, 4 per process: 1 step an epoch, 8 epochs; drop path (keyed per sample), no Mixup/CutMix
-FT = [*COMMON, "--batch-size", "4", "--epochs", "8", "--warmup-epochs", "1", "--lr", "2e-3", "--layer-decay", "0.9",
-      "--mixup", "0", "--cutmix", "0", "--drop-path", "0.1", "--save-every", "100"]
+FT = [
+    *COMMON,
+    "--batch-size",
+    "4",
+    "--epochs",
+    "8",
+    "--warmup-epochs",
+    "1",
+    "--lr",
+    "2e-3",
+    "--layer-decay",
+    "0.9",
+    "--mixup",
+    "0",
+    "--cutmix",
+    "0",
+    "--drop-path",
+    "0.1",
+    "--save-every",
+    "100",
+]
 SEED = int(os.environ.get("FCMAE_TEST_SEED", random.randrange(10_000)))
 
 
@@ -45,8 +83,9 @@ def shapes(tmp_path_factory):
 
 def logged_steps(out) -> int:
     try:
-        return max((json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines() if '"step"' in r),
-                   default=0)
+        return max(
+            (json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines() if '"step"' in r), default=0
+        )
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
 
@@ -56,10 +95,31 @@ def interrupt(how, script, args, out, at: int):
     once step ``at`` is logged. Returns (the stop file's record, the step seen when signalled)."""
     stop_file = out / "stop.json"
     env = {**CLI_ENV, "ACCELERATE_USE_CPU": "true", "FCMAE_STOP_FILE": str(stop_file)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--mixed_precision", "no",
-           "--dynamo_backend", "no", *how, script, *args, "--output-dir", out]
-    proc = subprocess.Popen(list(map(str, cmd)), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *how,
+        script,
+        *args,
+        "--output-dir",
+        out,
+    ]
+    proc = subprocess.Popen(
+        list(map(str, cmd)),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while (seen := logged_steps(out)) < at and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -128,17 +188,32 @@ def test_elastic_resume_refuses_what_cannot_be_the_same_run(images, shapes, tmp_
     other = run_cli([PRETRAIN, *args, "--output-dir", tmp_path / "pre", "--resume", "auto"], check=False)
     last = other.stderr.strip().splitlines()[-1]
     assert other.returncode == 2 and "global batch of 8" in last and "--elastic allow-batch-change" in last
-    refuse = run_cli([PRETRAIN, *args, "--batch-size", "8", "--output-dir", tmp_path / "pre", "--resume", "auto",
-                      "--elastic", "refuse"], check=False)
+    refuse = run_cli(
+        [
+            PRETRAIN,
+            *args,
+            "--batch-size",
+            "8",
+            "--output-dir",
+            tmp_path / "pre",
+            "--resume",
+            "auto",
+            "--elastic",
+            "refuse",
+        ],
+        check=False,
+    )
     assert refuse.returncode == 2 and "written by 2 processes" in refuse.stderr.strip().splitlines()[-1]
     ft = [*FT, "--data", shapes, "--model", "convnextv2_atto", "--epochs", "1", "--mixup", "0.8"]
     launch(["--multi_gpu"], FINETUNE, [*ft, "--output-dir", tmp_path / "ft"])
-    mixup = run_cli([FINETUNE, *ft, "--batch-size", "8", "--output-dir", tmp_path / "ft", "--resume", "auto"],
-                    check=False)
+    mixup = run_cli(
+        [FINETUNE, *ft, "--batch-size", "8", "--output-dir", tmp_path / "ft", "--resume", "auto"], check=False
+    )
     assert mixup.returncode == 2 and "Mixup/CutMix" in mixup.stderr.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------- activation checkpointing
+
 
 def _grads(model, loss_fn) -> dict:
     torch.manual_seed(1)  # the same dropout (the segmentation heads') in both passes

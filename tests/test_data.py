@@ -1,24 +1,32 @@
 """Data layer: sources, RGB decoding, bad images, determinism and sharding. CPU, offline, own data."""
+
 import io
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from accelerate import skip_first_batches  # noqa: E402
-from accelerate.data_loader import prepare_data_loader  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from accelerate import skip_first_batches
+from accelerate.data_loader import prepare_data_loader
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
-from fcmae.data import (  # noqa: E402
-    DEMO_DIR, BadImageCounter, DataConfig, PretrainImages, build_pretrain_loader, decode_rgb,
-    load_images, pretrain_transform, to_rgb,
+from fcmae.data import (
+    DEMO_DIR,
+    BadImageCounter,
+    DataConfig,
+    PretrainImages,
+    build_pretrain_loader,
+    decode_rgb,
+    load_images,
+    pretrain_transform,
+    to_rgb,
 )
 
 
@@ -254,8 +262,16 @@ def test_streaming_sharding_covers_each_sample_once(tmp_path):
     for epoch in (0, 1):
         seen = []
         for rank in (0, 1):
-            loader = build_pretrain_loader(cfg, batch_size=3, seed=2, epoch=epoch, rank=rank, world_size=2,
-                                           transform=identity, num_workers=2 * rank)
+            loader = build_pretrain_loader(
+                cfg,
+                batch_size=3,
+                seed=2,
+                epoch=epoch,
+                rank=rank,
+                world_size=2,
+                transform=identity,
+                num_workers=2 * rank,
+            )
             seen.append(indices(loader))
             assert len(loader) == 4 and len(seen[-1]) == 12
         assert sorted(seen[0] + seen[1]) == list(range(24))

@@ -6,6 +6,7 @@ its image, a degenerate box, a crowd region as an RLE and an annotation without 
 Independent references: pycocotools' COCOeval run here on the saved COCO results, torchvision's
 Mask R-CNN outputs of the saved weights, fcmae's encoder state as the pretraining run saved it, and
 the lr schedule by hand."""
+
 import json
 import signal
 import socket
@@ -17,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CLI_ENV as ENV
+from conftest import ROOT, run_cli
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file
 
-from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
 from fcmae.tasks.detect import DetectConfig, export_detector, load_detector
 from fcmae.training.config import parse_args
 from fcmae.weights.source import read_metadata
@@ -31,15 +32,34 @@ from fcmae.weights.source import read_metadata
 SCRIPT = ROOT / "finetune" / "detect.py"
 CATS = [{"id": 2, "name": "square"}, {"id": 7, "name": "disc"}, {"id": 11, "name": "bar"}]
 COLOURS = {2: (230, 70, 60), 7: (70, 220, 90), 11: (80, 120, 240)}
-DET = ["--batch-size", "4", "--lr", "3e-4", "--mixed-precision", "no", "--num-workers", "0", "--report-to", "none",
-       "--train-short-side", "128", "--eval-short-side", "128", "--log-every", "5"]
+DET = [
+    "--batch-size",
+    "4",
+    "--lr",
+    "3e-4",
+    "--mixed-precision",
+    "no",
+    "--num-workers",
+    "0",
+    "--report-to",
+    "none",
+    "--train-short-side",
+    "128",
+    "--eval-short-side",
+    "128",
+    "--log-every",
+    "5",
+]
 REF = ["--max-steps", "60", "--eval-every", "30", "--save-every", "20"]
 AP50_BAR = 0.3  # measured: box AP50 0.66 at step 60 (0.18 at step 30), segm AP50 0.67; chance is near 0
 
 
 def shape(rng, cat, w, h):
-    bw, bh = (int(rng.integers(56, 80)), int(rng.integers(18, 26))) if cat == 11 else \
-        (int(rng.integers(32, 64)), int(rng.integers(32, 64)))
+    bw, bh = (
+        (int(rng.integers(56, 80)), int(rng.integers(18, 26)))
+        if cat == 11
+        else (int(rng.integers(32, 64)), int(rng.integers(32, 64)))
+    )
     x, y = float(rng.integers(0, w - bw)), float(rng.integers(0, h - bh))
     if cat == 7:  # an ellipse as a 24-point polygon
         t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
@@ -62,32 +82,77 @@ def make_coco(root: Path, n_train: int = 48, n_val: int = 16) -> Path:
                 cat = int(rng.choice([2, 7, 11]))
                 box, poly = shape(rng, cat, w, h)
                 ImageDraw.Draw(img).polygon(poly, fill=COLOURS[cat])
-                anns.append({"id": start + len(anns) + 1, "image_id": iid, "category_id": cat, "bbox": box,
-                             "area": box[2] * box[3], "iscrowd": 0, "segmentation": [poly]})
+                anns.append(
+                    {
+                        "id": start + len(anns) + 1,
+                        "image_id": iid,
+                        "category_id": cat,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                        "segmentation": [poly],
+                    }
+                )
             img.save(root / split / f"{iid:06d}.png")
             images.append({"id": iid, "file_name": f"{iid:06d}.png", "width": w, "height": h})
         if split == "train":
             a, b = images[0], images[1]
             rle = [0, 10] + [b["height"] - 10, 10] * 9 + [b["height"] * (b["width"] - 10) + b["height"] - 10]
             anns += [  # clipped (kept), degenerate, crowd, without a mask
-                {"id": 901, "image_id": a["id"], "category_id": 2, "bbox": [a["width"] - 20, 10, 40, 30], "iscrowd": 0,
-                 "area": 600, "segmentation": [[a["width"] - 20, 10, a["width"], 10, a["width"], 40, a["width"] - 20,
-                                                40]]},
-                {"id": 902, "image_id": a["id"], "category_id": 7, "bbox": [5, 5, 0.5, 20], "iscrowd": 0, "area": 10,
-                 "segmentation": [[5, 5, 5.5, 5, 5.5, 25, 5, 25]]},
-                {"id": 903, "image_id": b["id"], "category_id": 11, "bbox": [0, 0, 10, 10], "iscrowd": 1, "area": 100,
-                 "segmentation": {"size": [b["height"], b["width"]], "counts": rle}},
-                {"id": 904, "image_id": b["id"], "category_id": 11, "bbox": [20, 20, 30, 12], "iscrowd": 0,
-                 "area": 360}]
+                {
+                    "id": 901,
+                    "image_id": a["id"],
+                    "category_id": 2,
+                    "bbox": [a["width"] - 20, 10, 40, 30],
+                    "iscrowd": 0,
+                    "area": 600,
+                    "segmentation": [[a["width"] - 20, 10, a["width"], 10, a["width"], 40, a["width"] - 20, 40]],
+                },
+                {
+                    "id": 902,
+                    "image_id": a["id"],
+                    "category_id": 7,
+                    "bbox": [5, 5, 0.5, 20],
+                    "iscrowd": 0,
+                    "area": 10,
+                    "segmentation": [[5, 5, 5.5, 5, 5.5, 25, 5, 25]],
+                },
+                {
+                    "id": 903,
+                    "image_id": b["id"],
+                    "category_id": 11,
+                    "bbox": [0, 0, 10, 10],
+                    "iscrowd": 1,
+                    "area": 100,
+                    "segmentation": {"size": [b["height"], b["width"]], "counts": rle},
+                },
+                {
+                    "id": 904,
+                    "image_id": b["id"],
+                    "category_id": 11,
+                    "bbox": [20, 20, 30, 12],
+                    "iscrowd": 0,
+                    "area": 360,
+                },
+            ]
         (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"{split}.json").write_text(json.dumps(
-            {"images": images, "annotations": anns, "categories": CATS}))
+        (root / "annotations" / f"{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": CATS})
+        )
     return root
 
 
 def data_args(coco: Path, val_ann: Path | None = None) -> list:
-    return ["--train-ann", coco / "annotations" / "train.json", "--train-images", coco / "train",
-            "--val-ann", val_ann or coco / "annotations" / "val.json", "--val-images", coco / "val"]
+    return [
+        "--train-ann",
+        coco / "annotations" / "train.json",
+        "--train-images",
+        coco / "train",
+        "--val-ann",
+        val_ann or coco / "annotations" / "val.json",
+        "--val-images",
+        coco / "val",
+    ]
 
 
 def detect(args, env=None, check=True):
@@ -107,9 +172,33 @@ def coco(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(coco, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    run_cli([ROOT / "fcmae" / "pretrain.py", "--data", coco / "train", "--model", "convnextv2_atto", "--input-size",
-             "64", "--batch-size", "4", "--max-steps", "10", "--decoder-dim", "32", "--num-workers", "0",
-             "--report-to", "none", "--num-recon", "0", "--save-every", "10", "--output-dir", out])
+    run_cli(
+        [
+            ROOT / "fcmae" / "pretrain.py",
+            "--data",
+            coco / "train",
+            "--model",
+            "convnextv2_atto",
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "10",
+            "--decoder-dim",
+            "32",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--num-recon",
+            "0",
+            "--save-every",
+            "10",
+            "--output-dir",
+            out,
+        ]
+    )
     return out
 
 
@@ -133,6 +222,7 @@ def cocoeval(gt_path: Path, results: list, iou_type: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- tests
 
+
 def test_presets_parse_to_the_published_recipe():
     for name in ("convnextv2_base_coco_maskrcnn_3x", "convnextv2_tiny_coco_maskrcnn_3x"):
         cfg = parse_args(DetectConfig, ["--config", str(ROOT / "configs" / "detect" / f"{name}.yaml"), "--data", "x"])
@@ -148,12 +238,45 @@ def free_port():
 
 def test_two_processes_count_each_image_once(coco, pretrained, tmp_path):
     """16 validation images on 2 processes (8 + 8): the evaluation equals one process scoring the saved weights."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT,
-           "--from-fcmae", pretrained, *data_args(coco), *DET, "--batch-size", "2", "--max-steps", "2",
-           "--warmup-steps", "1", "--save-every", "2", "--output-dir", tmp_path]
-    proc = subprocess.run(list(map(str, cmd)), env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                          text=True, timeout=1200, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        SCRIPT,
+        "--from-fcmae",
+        pretrained,
+        *data_args(coco),
+        *DET,
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "2",
+        "--output-dir",
+        tmp_path,
+    ]
+    proc = subprocess.run(
+        list(map(str, cmd)),
+        env={**ENV, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = yaml.safe_load((tmp_path / "final.yaml").read_text())
     assert final["world_size"] == 2 and final["ranks_identical"] is True and final["val_images"] == 16
@@ -166,8 +289,14 @@ def test_two_processes_count_each_image_once(coco, pretrained, tmp_path):
             x = torch.from_numpy(np.asarray(Image.open(coco / "val" / im["file_name"]).convert("RGB")).copy())
             out = net([x.permute(2, 0, 1).float() / 255])[0]
             for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
-                mine.append({"image_id": iid, "category_id": net.categories.label_to_cat[lab],
-                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+                mine.append(
+                    {
+                        "image_id": iid,
+                        "category_id": net.categories.label_to_cat[lab],
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "score": s,
+                    }
+                )
     assert sorted(r["image_id"] for r in results) == sorted(r["image_id"] for r in mine)  # each image once
     stats = cocoeval(gt, mine, "bbox")
     assert round(final["bbox_mAP"], 4) == round(float(stats[0]), 4)
@@ -178,8 +307,19 @@ def test_malformed_annotations_exit_2_naming_the_annotation(coco, tmp_path):
     bad["annotations"][3]["image_id"] = 99999
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     out = tmp_path / "out"
-    proc = detect(["--model", "convnextv2_atto", *data_args(coco, tmp_path / "bad.json"), *DET, "--max-steps", "2",
-                   "--output-dir", out], check=False)
+    proc = detect(
+        [
+            "--model",
+            "convnextv2_atto",
+            *data_args(coco, tmp_path / "bad.json"),
+            *DET,
+            "--max-steps",
+            "2",
+            "--output-dir",
+            out,
+        ],
+        check=False,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"annotation {bad['annotations'][3]['id']}" in lines[0] and "99999" in lines[0]
@@ -192,12 +332,21 @@ def test_fcmae_encoder_to_a_trained_detector(reference, pretrained):
     assert [r["step"] for r in evals] == [30, 60] and evals[-1]["bbox_mAP_50"] >= AP50_BAR, evals
     assert evals[-1]["segm_mAP_50"] >= AP50_BAR, evals  # the mask head learns too
     assert all(-1 <= r[k] <= 1 for r in evals for k in r if "mAP" in k) and evals[-1]["val_images"] == 16
-    assert {p.name for p in reference.iterdir()} >= {"config.yaml", "log.jsonl", "categories.json", "predictions",
-                                                      "checkpoints", "best.safetensors", "last.safetensors",
-                                                      "final.yaml"}
+    assert {p.name for p in reference.iterdir()} >= {
+        "config.yaml",
+        "log.jsonl",
+        "categories.json",
+        "predictions",
+        "checkpoints",
+        "best.safetensors",
+        "last.safetensors",
+        "final.yaml",
+    }
     train = rows(reference, "train")
-    assert all({"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= r.keys()
-               for r in train)
+    assert all(
+        {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= r.keys()
+        for r in train
+    )
     for r in train:  # the parts sum to the loss
         assert sum(v for k, v in r.items() if k.startswith("loss_")) == pytest.approx(r["loss"], rel=1e-5)
         t = r["step"] - 1  # warmup a tenth of 60, then lr x 0.1 at 27/36 x 60 = 45 and 33/36 x 60 = 55
@@ -215,8 +364,11 @@ def test_fcmae_encoder_to_a_trained_detector(reference, pretrained):
     assert json.loads(meta["categories"])["categories"] == cats and meta["masks"] == "true"
     # the pretraining run's encoder and the detector's backbone hold the same keys and shapes
     enc = load_file(str(pretrained / "encoder.safetensors"))
-    body = {k.removeprefix("backbone.body."): v.shape for k, v in load_file(str(reference / "last.safetensors")).items()
-            if k.startswith("backbone.body.")}
+    body = {
+        k.removeprefix("backbone.body."): v.shape
+        for k, v in load_file(str(reference / "last.safetensors")).items()
+        if k.startswith("backbone.body.")
+    }
     assert body == {k: v.shape for k, v in enc.items() if not k.startswith("head.")}
 
 
@@ -245,8 +397,10 @@ def test_logged_ap_equals_cocoeval_of_the_saved_results(reference, coco, tmp_pat
     assert all(torch.equal(ya[k], yb[k]) for k in ("boxes", "labels", "scores", "masks"))
     # predict: a drawn PNG and a JSON per readable image; an unreadable one named, exit 1
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    proc = detect(["predict", coco / "val", tmp_path / "broken.png", "--checkpoint", reference, "--out-dir",
-                   tmp_path / "pred"], check=False)
+    proc = detect(
+        ["predict", coco / "val", tmp_path / "broken.png", "--checkpoint", reference, "--out-dir", tmp_path / "pred"],
+        check=False,
+    )
     assert proc.returncode == 1 and "broken.png" in proc.stderr and "16 of 17" in proc.stderr
     first = sorted((coco / "val").iterdir())[0]
     assert Image.open(tmp_path / "pred" / f"{first.stem}.png").size == Image.open(first).size
@@ -268,5 +422,6 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, coco, pretrained, tmp_
     strip = [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows(tmp_path, "train")]
     assert strip == [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows(reference, "train")]
     assert rows(tmp_path, "eval") == rows(reference, "eval")
-    assert (tmp_path / "predictions" / "val_bbox.json").read_text() == \
-        (reference / "predictions" / "val_bbox.json").read_text()
+    assert (tmp_path / "predictions" / "val_bbox.json").read_text() == (
+        reference / "predictions" / "val_bbox.json"
+    ).read_text()

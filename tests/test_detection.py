@@ -1,5 +1,6 @@
 """Detection: COCO data (checks, edge cases, jitter), the ConvNeXt FPN backbone and its encoder load,
 layer-wise decay, a Mask R-CNN step, and COCO evaluation checked against a separate COCOeval."""
+
 import contextlib
 import io
 import json
@@ -13,23 +14,29 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from fcmae.data import EpochSampler
 from fcmae.data.detection import CategoryMap, DetectionDataset, ann_to_mask, coco_from_hub, collate, load_coco
-from fcmae.tasks.detect.evaluation import coco_evaluate, coco_results
 from fcmae.models import create_fcmae, create_model
+from fcmae.tasks.detect.evaluation import coco_evaluate, coco_results
 from fcmae.tasks.detect.model import build_detector, load_encoder_into, lr_scale
 from fcmae.tasks.detect.predict import class_color, detection_records, draw_detections, write_detections
 from fcmae.training.layer_decay import layer_id, num_layers
 from fcmae.training.optim import param_groups
 from fcmae.weights import load_checkpoint
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork
 
 CATS = [{"id": 7, "name": "disc"}, {"id": 2, "name": "square"}, {"id": 11, "name": "bar"}]  # sparse, unsorted
 # fewer proposals and sampled RoIs than torchvision's defaults: the same code paths, a CPU test's cost
-SMALL = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=200,
-             rpn_post_nms_top_n_test=100, box_batch_size_per_image=64, box_detections_per_img=20)
+SMALL = dict(
+    rpn_pre_nms_top_n_train=200,
+    rpn_post_nms_top_n_train=200,
+    rpn_pre_nms_top_n_test=200,
+    rpn_post_nms_top_n_test=100,
+    box_batch_size_per_image=64,
+    box_detections_per_img=20,
+)
 SIZES = {10: (96, 128), 20: (128, 96), 30: (64, 64), 40: (128, 128), 50: (80, 112), 60: (96, 96)}  # id: (h, w)
 
 
@@ -58,8 +65,15 @@ def _rle(h, w, y0, y1, x0, x1, compressed=True):
 
 
 def _ann(i, image_id, cat, bbox, segm, crowd=0):
-    return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "segmentation": segm,
-            "area": float(bbox[2] * bbox[3]), "iscrowd": crowd}
+    return {
+        "id": i,
+        "image_id": image_id,
+        "category_id": cat,
+        "bbox": bbox,
+        "segmentation": segm,
+        "area": float(bbox[2] * bbox[3]),
+        "iscrowd": crowd,
+    }
 
 
 ANNS = [
@@ -112,13 +126,16 @@ def test_category_map_round_trips_sparse_ids():
     assert json.loads(json.dumps(cm.to_dict()))["categories"][2] == {"label": 3, "id": 11, "name": "bar"}
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda c: c["annotations"][2].update(image_id=999), ["annotation 3", "image_id 999"]),
-    (lambda c: c["annotations"][0].update(category_id=5), ["annotation 1", "category_id 5"]),
-    (lambda c: c["annotations"][1].update(bbox=[60, 20, -4, 30]), ["annotation 2", "bbox"]),
-    (lambda c: c["images"][3].update(width=-128), ["image 40", "width"]),
-    (lambda c: c.pop("categories"), ["categories"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda c: c["annotations"][2].update(image_id=999), ["annotation 3", "image_id 999"]),
+        (lambda c: c["annotations"][0].update(category_id=5), ["annotation 1", "category_id 5"]),
+        (lambda c: c["annotations"][1].update(bbox=[60, 20, -4, 30]), ["annotation 2", "bbox"]),
+        (lambda c: c["images"][3].update(width=-128), ["image 40", "width"]),
+        (lambda c: c.pop("categories"), ["categories"]),
+    ],
+)
 def test_malformed_annotations_name_the_problem(coco_data, change, words):
     coco = json.loads(coco_data[0].read_text())
     change(coco)
@@ -148,7 +165,7 @@ def test_eval_targets_handle_crowd_empty_clipped_and_degenerate(coco_data):
     assert ds.dropped == {"crowd": 1, "degenerate": 1}
     by_id = {ds.images[i]["id"]: ds[i] for i in range(len(ds))}
     image, t = by_id[20]
-    assert image.shape == (3, 128, 96) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 128, 96) and image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
     assert t["labels"].tolist() == [3] and t["boxes"].tolist() == [[20, 30, 60, 50]]  # crowd left out
     assert by_id[30][1]["boxes"].shape == (0, 4) and by_id[30][1]["labels"].shape == (0,)
     assert by_id[40][1]["boxes"].tolist() == [[0, 100, 40, 128]]  # clipped
@@ -227,13 +244,22 @@ def test_hub_schema_adapter_from_local_parquet(tmp_path):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
         objs = [{"bbox": [4.0, 6.0, 20.0, 10.0 + i], "category": i % 2, "segmentation": _rect(4, 6, 20, 10 + i)}]
-        rows.append({"image": {"bytes": buf.getvalue(), "path": None}, "image_id": 100 + i,
-                     "objects": objs if i < 2 else []})
-    features = datasets.Features({
-        "image": datasets.Image(), "image_id": datasets.Value("int64"),
-        "objects": datasets.List({"bbox": datasets.List(datasets.Value("float32"), length=4),
-                                  "category": datasets.ClassLabel(names=names),
-                                  "segmentation": datasets.List(datasets.List(datasets.Value("float32")))})})
+        rows.append(
+            {"image": {"bytes": buf.getvalue(), "path": None}, "image_id": 100 + i, "objects": objs if i < 2 else []}
+        )
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "image_id": datasets.Value("int64"),
+            "objects": datasets.List(
+                {
+                    "bbox": datasets.List(datasets.Value("float32"), length=4),
+                    "category": datasets.ClassLabel(names=names),
+                    "segmentation": datasets.List(datasets.List(datasets.Value("float32"))),
+                }
+            ),
+        }
+    )
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
     hf = datasets.load_dataset("parquet", data_files=str(tmp_path / "train.parquet"), split="train")
     coco = coco_from_hub(hf)
@@ -280,8 +306,10 @@ def test_backbone_outputs_equal_forward_intermediates_after_load(tmp_path):
             torch.testing.assert_close(o, r, atol=0, rtol=0)
             torch.testing.assert_close(o, d, atol=1e-5, rtol=1e-5)
         feats = detector.backbone(x)
-        normed = {str(i): F.layer_norm(f.permute(0, 2, 3, 1), f.shape[1:2], n.weight, n.bias, 1e-6).permute(0, 3, 1, 2)
-                  for i, (f, n) in enumerate(zip(ref, detector.backbone.norms))}
+        normed = {
+            str(i): F.layer_norm(f.permute(0, 2, 3, 1), f.shape[1:2], n.weight, n.bias, 1e-6).permute(0, 3, 1, 2)
+            for i, (f, n) in enumerate(zip(ref, detector.backbone.norms))
+        }
         expected = detector.backbone.fpn(normed)
     assert list(feats) == ["0", "1", "2", "3", "pool"] and feats["pool"].shape[-2:] == (2, 2)
     for k in feats:
@@ -308,12 +336,14 @@ def test_rgb_encoder_into_a_four_channel_backbone_adapts_the_stem(tmp_path):
     torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
     with pytest.raises(ValueError, match="image_mean"):
         build_detector("convnextv2_atto", num_classes=3, min_size=64, in_chans=4)
-    detector = build_detector("convnextv2_atto", num_classes=3, min_size=64, in_chans=4,
-                              image_mean=[0.5] * 4, image_std=[0.25] * 4)
+    detector = build_detector(
+        "convnextv2_atto", num_classes=3, min_size=64, in_chans=4, image_mean=[0.5] * 4, image_std=[0.25] * 4
+    )
     load_encoder_into(detector, tmp_path / "rgb.pth")
     torch.testing.assert_close(detector.backbone.body.stem[0].weight, adapt_input_conv(4, rgb.stem[0].weight))
-    torch.testing.assert_close(detector.backbone.body.stages[3].blocks[1].mlp.fc2.weight,
-                               rgb.stages[3].blocks[1].mlp.fc2.weight)
+    torch.testing.assert_close(
+        detector.backbone.body.stages[3].blocks[1].mlp.fc2.weight, rgb.stages[3].blocks[1].mlp.fc2.weight
+    )
 
 
 def test_layer_decay_matches_the_detection_configs():
@@ -327,25 +357,40 @@ def test_layer_decay_matches_the_detection_configs():
     named = dict(detector.named_parameters())
     assert len(scale) == len(named)  # every trainable parameter, once
     # atto (2, 2, 6, 2): L = 3 + 6 / 3 = 5, scale d ** (L + 1 - id), by hand
-    expect = {"backbone.body.stem.0.weight": d ** 6, "backbone.body.stages.0.blocks.1.conv_dw.weight": d ** 5,
-              "backbone.body.stages.1.downsample.1.weight": d ** 4,
-              "backbone.body.stages.2.downsample.1.weight": d ** 3,
-              "backbone.body.stages.2.blocks.2.mlp.fc1.weight": d ** 3,
-              "backbone.body.stages.2.blocks.5.mlp.fc2.weight": d ** 2,
-              "backbone.body.stages.3.downsample.1.weight": d, "backbone.body.stages.3.blocks.1.mlp.fc1.weight": d,
-              "backbone.norms.3.weight": 1.0, "backbone.fpn.inner_blocks.0.0.weight": 1.0,
-              "roi_heads.box_predictor.cls_score.weight": 1.0, "rpn.head.conv.0.0.weight": 1.0}
+    expect = {
+        "backbone.body.stem.0.weight": d**6,
+        "backbone.body.stages.0.blocks.1.conv_dw.weight": d**5,
+        "backbone.body.stages.1.downsample.1.weight": d**4,
+        "backbone.body.stages.2.downsample.1.weight": d**3,
+        "backbone.body.stages.2.blocks.2.mlp.fc1.weight": d**3,
+        "backbone.body.stages.2.blocks.5.mlp.fc2.weight": d**2,
+        "backbone.body.stages.3.downsample.1.weight": d,
+        "backbone.body.stages.3.blocks.1.mlp.fc1.weight": d,
+        "backbone.norms.3.weight": 1.0,
+        "backbone.fpn.inner_blocks.0.0.weight": 1.0,
+        "roi_heads.box_predictor.cls_score.weight": 1.0,
+        "rpn.head.conv.0.0.weight": 1.0,
+    }
     for n, s in expect.items():
         assert scale[id(named[n])] == pytest.approx(s), n
-    for n, decayed in [("backbone.body.stages.2.blocks.0.mlp.grn.weight", False), ("backbone.body.stem.0.bias", False),
-                       ("backbone.norms.0.weight", False), ("backbone.body.stages.2.blocks.0.mlp.fc1.weight", True),
-                       ("backbone.fpn.layer_blocks.1.0.weight", True), ("roi_heads.box_head.fc6.bias", False)]:
+    for n, decayed in [
+        ("backbone.body.stages.2.blocks.0.mlp.grn.weight", False),
+        ("backbone.body.stem.0.bias", False),
+        ("backbone.norms.0.weight", False),
+        ("backbone.body.stages.2.blocks.0.mlp.fc1.weight", True),
+        ("backbone.fpn.layer_blocks.1.0.weight", True),
+        ("roi_heads.box_head.fc6.bias", False),
+    ]:
         assert wd[id(named[n])] == (0.05 if decayed else 0.0), n
     # the official configs: tiny num_layers 6 (stem d ** 7), base 12 (stem d ** 13, last stage-3 block d ** 2)
     tiny, base = (3, 3, 9, 3), (3, 3, 27, 3)
-    for name, depths, power in [("stem.0.weight", tiny, 7), ("stages.2.blocks.8.conv_dw.weight", tiny, 2),
-                                ("stem.1.weight", base, 13), ("stages.2.blocks.26.norm.weight", base, 2),
-                                ("stages.3.blocks.2.mlp.fc1.weight", base, 1)]:
+    for name, depths, power in [
+        ("stem.0.weight", tiny, 7),
+        ("stages.2.blocks.8.conv_dw.weight", tiny, 2),
+        ("stem.1.weight", base, 13),
+        ("stages.2.blocks.26.norm.weight", base, 2),
+        ("stages.3.blocks.2.mlp.fc1.weight", base, 1),
+    ]:
         i, n = layer_id(name, depths, "layer_wise"), num_layers(depths, "layer_wise")
         assert n + 1 - i == power, name
     assert (layer_id("stem.0.weight", (3, 3, 9, 3), "single"), num_layers((3, 3, 9, 3), "single")) == (1, 18)
@@ -357,8 +402,9 @@ def test_detector_trains_one_step(coco_data, masks):
     ds = DetectionDataset(load_coco(ann_path), images_dir, train=True, scale=128, masks=masks)
     images, targets = collate([ds[(0, 0)], ds[(2, 0)]])  # image 30 has no objects
     assert targets[1]["boxes"].shape == (0, 4)
-    detector = build_detector("convnextv2_atto", num_classes=ds.categories.num_classes, min_size=128, masks=masks,
-                              **SMALL).train()
+    detector = build_detector(
+        "convnextv2_atto", num_classes=ds.categories.num_classes, min_size=128, masks=masks, **SMALL
+    ).train()
     losses = detector(images, targets)
     expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert set(losses) == expected | ({"loss_mask"} if masks else set())
@@ -378,8 +424,11 @@ def test_heads_keep_float32_boxes_under_bf16_autocast():
     assert out["boxes"].dtype == out["scores"].dtype == torch.float32 and len(out["boxes"]) > 0
     big = out["boxes"][out["boxes"] > 512 * 480 / 640]  # > 512 px in the network's frame
     assert len(big) > 0 and not torch.all(big * 640 / 480 % 4 == 0)
-    target = {"boxes": torch.tensor([[600.0, 100.0, 700.0, 300.0]]), "labels": torch.tensor([1]),
-              "masks": torch.zeros(1, 480, 720, dtype=torch.uint8)}
+    target = {
+        "boxes": torch.tensor([[600.0, 100.0, 700.0, 300.0]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.zeros(1, 480, 720, dtype=torch.uint8),
+    }
     target["masks"][0, 100:300, 600:700] = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = detector.train()([torch.rand(3, 480, 720)], [target])
@@ -431,12 +480,16 @@ def test_perfect_predictions_score_one_and_empty_results_zero(coco_data):
     assert part["bbox_mAP"] == pytest.approx(1.0) and "segm_mAP" not in part
     assert coco_evaluate(ann_path, [r for r in bbox if r["image_id"] in some], None)["bbox_mAP"] < 0.9
     empty = coco_evaluate(ann_path, [], [])
-    assert empty["bbox_mAP"] == 0.0 and empty["segm_mAP"] == 0.0 and set(empty) == {
-        f"{t}_{m}" for t in ("bbox", "segm") for m in ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")}
+    assert (
+        empty["bbox_mAP"] == 0.0
+        and empty["segm_mAP"] == 0.0
+        and set(empty)
+        == {f"{t}_{m}" for t in ("bbox", "segm") for m in ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")}
+    )
 
 
 def test_logged_metrics_equal_cocoeval_of_the_saved_json(coco_data, tmp_path):
-    ann_path, images_dir = coco_data
+    ann_path, _ = coco_data
     cm = CategoryMap.from_categories(CATS)
     outs, ids = _gt_outputs(ann_path, cm.cat_to_label, noise=3.0)
     bbox, segm = coco_results(outs, ids, cm.label_to_cat)
@@ -454,8 +507,9 @@ def test_logged_metrics_equal_cocoeval_of_the_saved_json(coco_data, tmp_path):
 def test_detector_eval_outputs_become_coco_results(coco_data, tmp_path):
     ann_path, images_dir = coco_data
     ds = DetectionDataset(load_coco(ann_path), images_dir, train=False)
-    detector = build_detector("convnextv2_atto", num_classes=ds.categories.num_classes, min_size=64,
-                              box_score_thresh=0.0, **SMALL).eval()
+    detector = build_detector(
+        "convnextv2_atto", num_classes=ds.categories.num_classes, min_size=64, box_score_thresh=0.0, **SMALL
+    ).eval()
     images, targets = collate([ds[i] for i in range(3)])
     with torch.no_grad():
         outs = detector(images)

@@ -2,6 +2,7 @@
 FSDP2 pretraining and fine-tuning against DDP runs of the same seed, exact resume from sharded
 checkpoints, 2 nodes x 1 process against 1 node x 2 processes, and the launches that must not
 silently run something else. Tiny models (convnextv2_atto) at 64 px, a few steps each."""
+
 import json
 import re
 import socket
@@ -12,24 +13,66 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from torch.distributed.checkpoint import FileSystemReader
-
 from conftest import CLI_ENV, ROOT
+from safetensors.torch import load_file
 from test_finetune import make_shapes
 from test_pretrain import make_images
+from torch.distributed.checkpoint import FileSystemReader
 
 PRETRAIN, FINETUNE = str(ROOT / "fcmae" / "pretrain.py"), str(ROOT / "finetune" / "run.py")
 CONFIGS = ROOT / "configs" / "accelerate"
 COMMON = ["--input-size", "64", "--num-workers", "0", "--report-to", "none"]
 # 48 images, 4 per process, 2 accumulated: 3 optimizer steps per epoch; checkpoints at steps 2 (mid-epoch) and 4;
 # bf16 autocast, as pretraining runs on GPUs
-PRE = [*COMMON, "--model", "convnextv2_atto", "--batch-size", "4", "--decoder-dim", "32", "--num-recon", "0",
-       "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--grad-accum", "2", "--max-steps", "4",
-       "--save-every", "2", "--mixed-precision", "bf16"]
+PRE = [
+    *COMMON,
+    "--model",
+    "convnextv2_atto",
+    "--batch-size",
+    "4",
+    "--decoder-dim",
+    "32",
+    "--num-recon",
+    "0",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "2",
+    "--log-every",
+    "1",
+    "--grad-accum",
+    "2",
+    "--max-steps",
+    "4",
+    "--save-every",
+    "2",
+    "--mixed-precision",
+    "bf16",
+]
 # 12 images, 2 per process: 3 steps per epoch, 2 epochs; clipping at 0.01, small enough to rescale these gradients
-FT = [*COMMON, "--batch-size", "2", "--epochs", "2", "--warmup-epochs", "1", "--lr", "2e-3", "--layer-decay", "0.9",
-      "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1", "--drop-path", "0.1", "--clip-grad", "0.01"]
+FT = [
+    *COMMON,
+    "--batch-size",
+    "2",
+    "--epochs",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--lr",
+    "2e-3",
+    "--layer-decay",
+    "0.9",
+    "--mixup",
+    "0.8",
+    "--cutmix",
+    "1.0",
+    "--smoothing",
+    "0.1",
+    "--drop-path",
+    "0.1",
+    "--clip-grad",
+    "0.01",
+]
 FSDP = ["--use_fsdp", "--fsdp_version", "2"]  # unit and checkpoint settings: fcmae's defaults
 BLOCK = re.compile(r"^((?:encoder\.)?stages\.\d+\.blocks\.\d+|decoder\.\d+)\.conv_dw\.weight$")  # a block's name
 
@@ -42,11 +85,26 @@ def free_port() -> int:
 
 def launch(how: list, script: str, args: list, env=None, port=None, check=True, wait=True):
     """``accelerate launch HOW... SCRIPT ARGS...`` with 2 CPU processes in all (ACCELERATE_USE_CPU)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(port or free_port()), *how, script, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port or free_port()),
+        *how,
+        script,
+        *args,
+    ]
     env = {**CLI_ENV, "ACCELERATE_USE_CPU": "true", **(env or {})}
-    proc = subprocess.Popen(list(map(str, cmd)), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        list(map(str, cmd)), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if not wait:
         return proc
     out = proc.communicate(timeout=600)[0]
@@ -100,8 +158,12 @@ def ddp_run(images, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fsdp_run(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    _, log = launch(FSDP, PRETRAIN, [*PRE, "--data", images, "--output-dir", out / "run"],
-                    env={"FCMAE_SHARDING_REPORT": out / "sharding"})
+    _, log = launch(
+        FSDP,
+        PRETRAIN,
+        [*PRE, "--data", images, "--output-dir", out / "run"],
+        env={"FCMAE_SHARDING_REPORT": out / "sharding"},
+    )
     return out, log
 
 
@@ -148,8 +210,12 @@ def test_resume_from_sharded_checkpoint_is_bitwise_exact(fsdp_run, images, tmp_p
     assert code != 0 and not (tmp_path / "run" / "final.yaml").exists()
     shards = (tmp_path / "run" / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").glob("*.distcp")
     assert sorted(f.name for f in shards) == ["__0_0.distcp", "__1_0.distcp"]
-    _, log = launch(["--config_file", CONFIGS / "fsdp_8gpu.yaml"], PRETRAIN, [*args, "--resume", "auto"],
-                    env={"FCMAE_SHARDING_REPORT": tmp_path / "sharding"})
+    _, log = launch(
+        ["--config_file", CONFIGS / "fsdp_8gpu.yaml"],
+        PRETRAIN,
+        [*args, "--resume", "auto"],
+        env={"FCMAE_SHARDING_REPORT": tmp_path / "sharding"},
+    )
     assert "resumed from" in log and "at step 2 (epoch 0, batch 4)" in log
     assert yaml_of(tmp_path / "run" / "config.yaml")["distributed_type"] == "FSDP2"  # not a silent MULTI_CPU
     assert_sharded(tmp_path / "sharding", load_file(str(ref / "run" / "fcmae.safetensors")))
@@ -202,9 +268,14 @@ def test_fsdp_launches_that_cannot_shard_are_refused(images, tmp_path):
     code, log = launch(["--use_fsdp"], PRETRAIN, args, check=False)
     assert code != 0 and "fcmae shards with FSDP2 only" in log and "--fsdp_version 2" in log
     assert not (tmp_path / "v1" / "config.yaml").exists()
-    single = subprocess.run([sys.executable, PRETRAIN, *map(str, args[:-1]), tmp_path / "one"], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT,
-                            env={**CLI_ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    single = subprocess.run(
+        [sys.executable, PRETRAIN, *map(str, args[:-1]), tmp_path / "one"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**CLI_ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+    )
     assert single.returncode == 2 and "FSDP2 was asked for, but Accelerate set up NO" in single.stderr
     assert not (tmp_path / "one" / "config.yaml").exists()
 
@@ -212,6 +283,10 @@ def test_fsdp_launches_that_cannot_shard_are_refused(images, tmp_path):
 def test_model_ema_is_refused_under_fsdp2(tmp_path):
     """timm's EMA keeps an unsharded copy updated from the parameters: not with sharded ones."""
     shapes = make_shapes(tmp_path / "shapes")
-    code, log = launch(FSDP, FINETUNE, [*FT, "--model", "convnextv2_atto", "--model-ema", "--data", shapes,
-                                        "--output-dir", tmp_path / "out"], check=False)
+    code, log = launch(
+        FSDP,
+        FINETUNE,
+        [*FT, "--model", "convnextv2_atto", "--model-ema", "--data", shapes, "--output-dir", tmp_path / "out"],
+        check=False,
+    )
     assert code != 0 and "--model-ema is not supported with FSDP" in log

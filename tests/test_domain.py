@@ -1,21 +1,33 @@
 """Domain pretraining from the command line: --init-encoder from released layouts, the k-NN
 monitor, N-channel arrays end to end. The sources are built here, by hand (official layout), with
 timm or with transformers, never with fcmae's rename tables."""
+
 import json
 
 import numpy as np
 import pytest
 import timm
 import torch
+from conftest import run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_checkpoints import perturb_, to_official
 
-from conftest import run_cli
-
 PRETRAIN = "fcmae/pretrain.py"
-SMALL = ["--input-size", "64", "--batch-size", "4", "--decoder-dim", "16", "--num-workers", "0", "--report-to",
-         "none", "--log-every", "1"]
+SMALL = [
+    "--input-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--decoder-dim",
+    "16",
+    "--num-workers",
+    "0",
+    "--report-to",
+    "none",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +46,24 @@ def timm_encoder():
 
 
 def encoder_after_one_step_at_lr_zero(src, images, out) -> dict:
-    run_cli([PRETRAIN, *SMALL, "--init-encoder", src, "--lr", "0", "--max-steps", "1", "--num-recon", "0",
-             "--data", images, "--output-dir", out])
+    run_cli(
+        [
+            PRETRAIN,
+            *SMALL,
+            "--init-encoder",
+            src,
+            "--lr",
+            "0",
+            "--max-steps",
+            "1",
+            "--num-recon",
+            "0",
+            "--data",
+            images,
+            "--output-dir",
+            out,
+        ]
+    )
     return load_file(str(out / "encoder.safetensors"))
 
 
@@ -78,11 +106,39 @@ def test_init_encoder_from_transformers_gives_its_features(images, tmp_path):
 
 def test_init_encoder_errors(images, timm_encoder, tmp_path):
     save_file(timm_encoder, str(tmp_path / "atto.safetensors"))
-    both = run_cli([PRETRAIN, *SMALL, "--init-encoder", tmp_path / "atto.safetensors", "--init-from", tmp_path,
-                    "--data", images, "--output-dir", tmp_path / "a"], check=False)
+    both = run_cli(
+        [
+            PRETRAIN,
+            *SMALL,
+            "--init-encoder",
+            tmp_path / "atto.safetensors",
+            "--init-from",
+            tmp_path,
+            "--data",
+            images,
+            "--output-dir",
+            tmp_path / "a",
+        ],
+        check=False,
+    )
     assert both.returncode == 2 and "choose one" in both.stderr and "Traceback" not in both.stderr
-    wrong = run_cli([PRETRAIN, *SMALL, "--model", "convnextv2_femto", "--init-encoder", tmp_path / "atto.safetensors",
-                     "--max-steps", "1", "--data", images, "--output-dir", tmp_path / "b"], check=False)
+    wrong = run_cli(
+        [
+            PRETRAIN,
+            *SMALL,
+            "--model",
+            "convnextv2_femto",
+            "--init-encoder",
+            tmp_path / "atto.safetensors",
+            "--max-steps",
+            "1",
+            "--data",
+            images,
+            "--output-dir",
+            tmp_path / "b",
+        ],
+        check=False,
+    )
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "convnextv2_atto" in wrong.stderr and "convnextv2_femto" in wrong.stderr
     assert not (tmp_path / "b" / "encoder.safetensors").exists()
@@ -105,7 +161,7 @@ def knn_by_hand(encoder: dict, folder, k: int = 20, temperature: float = 0.07) -
 
     (train, ty), (val, vy) = feats("train"), feats("val")
     sim = val @ train.T
-    top = np.argsort(-sim, axis=1)[:, :min(k, len(train))]
+    top = np.argsort(-sim, axis=1)[:, : min(k, len(train))]
     votes = np.zeros((len(val), len(classes)))
     for i, row in enumerate(top):
         np.add.at(votes[i], ty[row], np.exp(sim[i, row] / temperature))
@@ -121,8 +177,24 @@ def test_knn_monitor_logs_knn_acc1(images, tmp_path):
             for i in range(n):
                 arr = np.clip(np.array(color) + rng.normal(0, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(arr).save(tmp_path / "knn" / split / label / f"{i}.png")
-    run_cli([PRETRAIN, *SMALL, "--max-steps", "2", "--num-recon", "0", "--knn-data", tmp_path / "knn",
-             "--knn-every", "1", "--data", images, "--output-dir", tmp_path / "out"])
+    run_cli(
+        [
+            PRETRAIN,
+            *SMALL,
+            "--max-steps",
+            "2",
+            "--num-recon",
+            "0",
+            "--knn-data",
+            tmp_path / "knn",
+            "--knn-every",
+            "1",
+            "--data",
+            images,
+            "--output-dir",
+            tmp_path / "out",
+        ]
+    )
     rows = [json.loads(r) for r in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_acc1" in r]
     assert [r["step"] for r in knn] == [1, 2]

@@ -1,17 +1,18 @@
 """``fcmae embed``: a classifier's embeddings are timm's pre-logits of its export (preprocessed with
 the model's own timm data config), an encoder's are the global average of its last stage as timm
 computes it; unreadable files are named and skipped."""
+
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
 import fcmae
-from conftest import run_cli
 from fcmae.weights import hub
 
 timm = pytest.importorskip("timm")
@@ -47,11 +48,31 @@ def test_classifier_embeddings_are_timm_pre_logits(photos, tmp_path):
     model = perturbed(3)
     run = tmp_path / "run"
     run.mkdir()
-    meta = {"format": "fcmae-classifier", "model": "convnextv2_atto", "num_classes": "3", "input_size": str(SIZE),
-            "class_names": json.dumps(["x", "y", "z"])}
+    meta = {
+        "format": "fcmae-classifier",
+        "model": "convnextv2_atto",
+        "num_classes": "3",
+        "input_size": str(SIZE),
+        "class_names": json.dumps(["x", "y", "z"]),
+    }
     save_file(model.state_dict(), str(run / "best.safetensors"), metadata=meta)
-    proc = run_cli(["-m", "fcmae", "embed", photos, "--checkpoint", run, "--out", tmp_path / "emb.parquet",
-                    "--batch-size", "2", "--num-workers", "0"], check=False)
+    proc = run_cli(
+        [
+            "-m",
+            "fcmae",
+            "embed",
+            photos,
+            "--checkpoint",
+            run,
+            "--out",
+            tmp_path / "emb.parquet",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "broken.jpg" in proc.stderr and "1 of 6 images could not be read" in proc.stderr
     got = embeddings(tmp_path / "emb.parquet")
     assert len(got) == 5 and all(v.shape == (320,) for v in got.values())
@@ -70,10 +91,25 @@ def test_encoder_embeddings_are_the_pooled_last_stage(photos, tmp_path):
     model = perturbed(0)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     config = {"model": "convnextv2_atto", "input_size": SIZE}
-    save_file(state, str(tmp_path / "encoder.safetensors"),
-              metadata={"format": "fcmae-encoder", "model": "convnextv2_atto", "config": json.dumps(config)})
-    proc = run_cli(["-m", "fcmae", "embed", photos / "a", "--checkpoint", tmp_path / "encoder.safetensors", "--out",
-                    tmp_path / "enc.parquet", "--num-workers", "0"])
+    save_file(
+        state,
+        str(tmp_path / "encoder.safetensors"),
+        metadata={"format": "fcmae-encoder", "model": "convnextv2_atto", "config": json.dumps(config)},
+    )
+    proc = run_cli(
+        [
+            "-m",
+            "fcmae",
+            "embed",
+            photos / "a",
+            "--checkpoint",
+            tmp_path / "encoder.safetensors",
+            "--out",
+            tmp_path / "enc.parquet",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert "embedded 2 of 2" in proc.stdout
     ref = timm.create_model("convnextv2_atto", num_classes=0, pretrained=False).eval()
     ref.load_state_dict({k: v.reshape(ref.state_dict()[k].shape) for k, v in state.items()}, strict=False)

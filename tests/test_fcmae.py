@@ -1,11 +1,12 @@
 """FCMAE: backends agree, sparse semantics hold, the loss is right, bf16 and torch.compile work."""
+
 import numpy as np
 import pytest
 import torch
 
 import fcmae
-from fcmae.models.fcmae import FCMAE, create_fcmae
 from fcmae.models import ConvNeXt, ConvNeXtConfig
+from fcmae.models.fcmae import FCMAE, create_fcmae
 
 BACKENDS = ["dense", "gather"]
 
@@ -96,7 +97,7 @@ def test_grn_statistics_are_visible_sites_per_sample():
     expected = torch.zeros(2, 8, 2, 3)
     for n in range(2):  # brute force over visible sites of one sample
         sites = [(i, j) for i in range(2) for j in range(3) if mask[n, i * 3 + j] == 0]
-        y = blk.conv_dw(x[n:n + 1])[0]  # masked inputs are zero
+        y = blk.conv_dw(x[n : n + 1])[0]  # masked inputs are zero
         h = {s: blk.mlp.act(blk.mlp.fc1(blk.norm(y[:, s[0], s[1]]))) for s in sites}
         gx = torch.sqrt(sum(h[s] ** 2 for s in sites))
         nx = gx / (gx.mean() + 1e-6)
@@ -191,8 +192,14 @@ def test_bad_inputs():
 def test_init_std():
     torch.manual_seed(0)
     model = create_fcmae("convnextv2_base", decoder_depth=2)
-    for name in ["pred.weight", "decoder.1.mlp.fc1.weight", "encoder.stages.2.blocks.0.mlp.fc1.weight",
-                 "encoder.stem.0.weight", "mask_token", "proj.weight"]:
+    for name in [
+        "pred.weight",
+        "decoder.1.mlp.fc1.weight",
+        "encoder.stages.2.blocks.0.mlp.fc1.weight",
+        "encoder.stem.0.weight",
+        "mask_token",
+        "proj.weight",
+    ]:
         std = dict(model.named_parameters())[name].std().item()
         assert 0.015 < std < 0.021, (name, std)  # truncated normal(0.02) in [-2, 2] has std ~0.0176
 
@@ -204,7 +211,7 @@ def test_bf16_autocast_cpu(backend):
     mask = model.gen_random_mask(imgs)
     ref = model(imgs, mask)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, pred, _ = model(imgs, mask)
+        loss, _, _ = model(imgs, mask)
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.05 * ref.item()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

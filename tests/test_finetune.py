@@ -2,8 +2,9 @@
 subprocesses, on generated labelled images (3 classes of coloured shapes) with atto at 64 px.
 
 Reference values come from independent paths: checkpoint fixtures are written by timm's and
-transformers' own savers or built here by hand from the official code's and timm's checkpoint layouts; pretrained features come
-from the FCMAE model that produced them; layer-decay scales are computed by hand."""
+transformers' own savers or built here by hand from the official code's and timm's checkpoint layouts;
+pretrained features come from the FCMAE model that produced them; layer-decay scales are computed by hand."""
+
 import argparse
 import json
 import shutil
@@ -17,23 +18,43 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CLI_ENV as ENV
+from conftest import ROOT, run_cli
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fcmae
-from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
-from fcmae.tasks.classify import build_classifier
-from fcmae.tasks.classify import FinetuneConfig
+from fcmae.tasks.classify import FinetuneConfig, build_classifier
 
 FINETUNE, PRETRAIN = str(ROOT / "finetune" / "run.py"), str(ROOT / "fcmae" / "pretrain.py")
 CLASSES = ["circle", "square", "triangle"]
 N_TRAIN, N_VAL = 4, 3  # per class
 TINY = ["--input-size", "64", "--batch-size", "4", "--num-workers", "0", "--report-to", "none"]
-RECIPE = [*TINY, "--epochs", "2", "--warmup-epochs", "1", "--lr", "2e-3", "--layer-decay", "0.9", "--mixup", "0.8",
-          "--cutmix", "1.0", "--smoothing", "0.1", "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9",
-          "--save-every", "2"]  # 3 steps per epoch: checkpoints at steps 2 (mid-epoch), 3, 4 (mid-epoch), 6
+RECIPE = [
+    *TINY,
+    "--epochs",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--lr",
+    "2e-3",
+    "--layer-decay",
+    "0.9",
+    "--mixup",
+    "0.8",
+    "--cutmix",
+    "1.0",
+    "--smoothing",
+    "0.1",
+    "--drop-path",
+    "0.1",
+    "--model-ema",
+    "--model-ema-decay",
+    "0.9",
+    "--save-every",
+    "2",
+]  # 3 steps per epoch: checkpoints at steps 2 (mid-epoch), 3, 4 (mid-epoch), 6
 
 
 def draw_shape(shape: str, rng, size: int = 72) -> Image.Image:
@@ -83,9 +104,30 @@ def shapes(tmp_path_factory):
 def pretrain_run(shapes, tmp_path_factory):
     """A real FCMAE pretraining run (4 steps) on the training images."""
     out = tmp_path_factory.mktemp("pretrain")
-    run(PRETRAIN, [*TINY, "--model", "convnextv2_atto", "--decoder-dim", "32", "--num-recon", "0", "--lr", "1e-3",
-                   "--warmup-steps", "1", "--data", shapes / "train", "--max-steps", "4", "--save-every", "4",
-                   "--output-dir", out])
+    run(
+        PRETRAIN,
+        [
+            *TINY,
+            "--model",
+            "convnextv2_atto",
+            "--decoder-dim",
+            "32",
+            "--num-recon",
+            "0",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--data",
+            shapes / "train",
+            "--max-steps",
+            "4",
+            "--save-every",
+            "4",
+            "--output-dir",
+            out,
+        ],
+    )
     return out
 
 
@@ -137,8 +179,12 @@ def to_official(fcmae_state: dict, minkowski: bool) -> dict:
     for key, v in fcmae_state.items():
         if not key.startswith("encoder."):
             if minkowski:  # decoder and friends travel along under their own names
-                out[key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv").replace("mlp.grn.weight", "grn.gamma")
-                    .replace("mlp.grn.bias", "grn.beta")] = v
+                out[
+                    key.replace("conv_dw", "dwconv")
+                    .replace("mlp.fc", "pwconv")
+                    .replace("mlp.grn.weight", "grn.gamma")
+                    .replace("mlp.grn.bias", "grn.beta")
+                ] = v
             continue
         p = key.split(".")[1:]
         if p[0] == "stem":
@@ -172,15 +218,23 @@ def source_and_reference(kind: str, pretrain_run: Path, tmp: Path, x: torch.Tens
     """(--from-fcmae value, the features of the model it came from)."""
     trained = load_file(str(pretrain_run / "fcmae.safetensors"))
     if kind in ("run_dir", "encoder", "fcmae", "checkpoint_dir"):
-        src = {"run_dir": pretrain_run, "encoder": pretrain_run / "encoder.safetensors",
-               "fcmae": pretrain_run / "fcmae.safetensors",
-               "checkpoint_dir": pretrain_run / "checkpoints" / "step_00000004"}
+        src = {
+            "run_dir": pretrain_run,
+            "encoder": pretrain_run / "encoder.safetensors",
+            "fcmae": pretrain_run / "fcmae.safetensors",
+            "checkpoint_dir": pretrain_run / "checkpoints" / "step_00000004",
+        }
         return str(src[kind]), fcmae_features(trained, x)
     if kind in ("official_minkowski", "official_released"):
         state = perturbed(trained)
         if kind == "official_minkowski":  # as the official save_model writes it
-            ckpt = {"model": to_official(state, True), "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
-                    "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="convnextv2_atto", mask_ratio=0.6)}
+            ckpt = {
+                "model": to_official(state, True),
+                "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 799,
+                "scaler": {"scale": 65536.0},
+                "args": argparse.Namespace(model="convnextv2_atto", mask_ratio=0.6),
+            }
         else:
             ckpt = {"model": to_official(state, False)}
         torch.save(ckpt, tmp / "official.pth")
@@ -209,8 +263,17 @@ def source_and_reference(kind: str, pretrain_run: Path, tmp: Path, x: torch.Tens
         return str(tmp / "hf"), model(pixel_values=x).last_hidden_state
 
 
-KINDS = ["run_dir", "encoder", "fcmae", "checkpoint_dir", "official_minkowski", "official_released", "timm", "hf_hub",
-         "transformers"]
+KINDS = [
+    "run_dir",
+    "encoder",
+    "fcmae",
+    "checkpoint_dir",
+    "official_minkowski",
+    "official_released",
+    "timm",
+    "hf_hub",
+    "transformers",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -227,8 +290,21 @@ def test_from_fcmae_source_gives_the_source_features(kind, pretrain_run, tmp_pat
 
 
 def test_wrong_architecture_fails_naming_both(shapes, pretrain_run, tmp_path):
-    proc = run(FINETUNE, [*TINY, "--model", "convnextv2_femto", "--from-fcmae", pretrain_run, "--data", shapes,
-                          "--output-dir", tmp_path], check=False)
+    proc = run(
+        FINETUNE,
+        [
+            *TINY,
+            "--model",
+            "convnextv2_femto",
+            "--from-fcmae",
+            pretrain_run,
+            "--data",
+            shapes,
+            "--output-dir",
+            tmp_path,
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     assert "convnextv2_atto" in proc.stderr and "convnextv2_femto" in proc.stderr and "--from-fcmae" in proc.stderr
 
@@ -252,16 +328,19 @@ def test_layer_decay_single_atto():
     # atto: depths 2,2,6,2 -> 12 layers; scale = 0.9 ** (13 - id); stem and downsample i share the id
     # of the first block of their stage; head 13
     got = _groups("convnextv2_atto", 0.9, "single")
-    expected = {"stem.0.weight": (0.282429536481, 0.05),  # id 1: 0.9^12
-                "stem.1.bias": (0.282429536481, 0.0),
-                "stages.0.blocks.1.conv_dw.weight": (0.31381059609, 0.05),  # id 2: 0.9^11
-                "stages.1.downsample.1.weight": (0.3486784401, 0.05),  # id 3: 0.9^10
-                "stages.1.downsample.0.weight": (0.3486784401, 0.0),  # LayerNorm: 1-D, no decay
-                "stages.2.blocks.5.mlp.fc1.weight": (0.729, 0.05),  # id 2+2+5+1 = 10: 0.9^3
-                "stages.2.blocks.5.mlp.grn.weight": (0.729, 0.0),  # GRN: no decay
-                "stages.3.downsample.1.bias": (0.81, 0.0),  # id 11: 0.9^2
-                "stages.3.blocks.1.mlp.fc2.weight": (0.9, 0.05),  # id 12
-                "head.norm.weight": (1.0, 0.0), "head.fc.weight": (1.0, 0.05)}  # id 13
+    expected = {
+        "stem.0.weight": (0.282429536481, 0.05),  # id 1: 0.9^12
+        "stem.1.bias": (0.282429536481, 0.0),
+        "stages.0.blocks.1.conv_dw.weight": (0.31381059609, 0.05),  # id 2: 0.9^11
+        "stages.1.downsample.1.weight": (0.3486784401, 0.05),  # id 3: 0.9^10
+        "stages.1.downsample.0.weight": (0.3486784401, 0.0),  # LayerNorm: 1-D, no decay
+        "stages.2.blocks.5.mlp.fc1.weight": (0.729, 0.05),  # id 2+2+5+1 = 10: 0.9^3
+        "stages.2.blocks.5.mlp.grn.weight": (0.729, 0.0),  # GRN: no decay
+        "stages.3.downsample.1.bias": (0.81, 0.0),  # id 11: 0.9^2
+        "stages.3.blocks.1.mlp.fc2.weight": (0.9, 0.05),  # id 12
+        "head.norm.weight": (1.0, 0.0),
+        "head.fc.weight": (1.0, 0.05),
+    }  # id 13
     for name, (scale, wd) in expected.items():
         assert got[name][0] == pytest.approx(scale, rel=1e-9) and got[name][1] == wd, name
 
@@ -270,16 +349,20 @@ def test_layer_decay_group_base():
     # base: 12 groups; scale = 0.6 ** (13 - id): stem 0, stage 1 -> 1, ds 1 + stage 2 -> 2, ds 2 -> 3,
     # stage-3 block b -> 3 + b // 3, ds 3 + stage 4 -> 12, head 13
     got = _groups("convnextv2_base", 0.6, "group")
-    expected = {"stem.0.weight": 0.0013060694016,  # 0.6^13
-                "stages.0.blocks.2.mlp.fc2.weight": 0.002176782336,  # 0.6^12
-                "stages.1.downsample.1.weight": 0.00362797056,  # 0.6^11
-                "stages.1.blocks.2.conv_dw.weight": 0.00362797056,
-                "stages.2.downsample.1.weight": 0.0060466176,  # id 3: 0.6^10
-                "stages.2.blocks.2.norm.weight": 0.0060466176,  # 3 + 2 // 3 = 3
-                "stages.2.blocks.5.mlp.fc1.weight": 0.010077696,  # 3 + 5 // 3 = 4: 0.6^9
-                "stages.2.blocks.26.conv_dw.weight": 0.36,  # 3 + 26 // 3 = 11: 0.6^2
-                "stages.3.downsample.1.weight": 0.6, "stages.3.blocks.2.mlp.grn.bias": 0.6,  # 12
-                "head.fc.weight": 1.0, "head.norm.bias": 1.0}
+    expected = {
+        "stem.0.weight": 0.0013060694016,  # 0.6^13
+        "stages.0.blocks.2.mlp.fc2.weight": 0.002176782336,  # 0.6^12
+        "stages.1.downsample.1.weight": 0.00362797056,  # 0.6^11
+        "stages.1.blocks.2.conv_dw.weight": 0.00362797056,
+        "stages.2.downsample.1.weight": 0.0060466176,  # id 3: 0.6^10
+        "stages.2.blocks.2.norm.weight": 0.0060466176,  # 3 + 2 // 3 = 3
+        "stages.2.blocks.5.mlp.fc1.weight": 0.010077696,  # 3 + 5 // 3 = 4: 0.6^9
+        "stages.2.blocks.26.conv_dw.weight": 0.36,  # 3 + 26 // 3 = 11: 0.6^2
+        "stages.3.downsample.1.weight": 0.6,
+        "stages.3.blocks.2.mlp.grn.bias": 0.6,  # 12
+        "head.fc.weight": 1.0,
+        "head.norm.bias": 1.0,
+    }
     for name, scale in expected.items():
         assert got[name][0] == pytest.approx(scale, rel=1e-9), name
 
@@ -329,12 +412,39 @@ def test_linear_probe_on_parquet_freezes_the_encoder(shapes, pretrain_run, tmp_p
     data.mkdir()
     for split, folder in (("train", "train"), ("validation", "val")):
         files = sorted((shapes / folder).glob("*/*.png"))
-        pq.write_table(pa.table({"picture": [{"bytes": f.read_bytes(), "path": f.name} for f in files],
-                                 "shape": [f.parent.name for f in files]}), data / f"{split}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "picture": [{"bytes": f.read_bytes(), "path": f.name} for f in files],
+                    "shape": [f.parent.name for f in files],
+                }
+            ),
+            data / f"{split}.parquet",
+        )
     out = tmp_path / "probe"
-    run(FINETUNE, [*TINY, "--linear-probe", "--from-fcmae", pretrain_run / "encoder.safetensors", "--data", data,
-                   "--image-column", "picture", "--label-column", "shape", "--epochs", "2", "--lr", "0.05",
-                   "--warmup-epochs", "0", "--output-dir", out])
+    run(
+        FINETUNE,
+        [
+            *TINY,
+            "--linear-probe",
+            "--from-fcmae",
+            pretrain_run / "encoder.safetensors",
+            "--data",
+            data,
+            "--image-column",
+            "picture",
+            "--label-column",
+            "shape",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.05",
+            "--warmup-epochs",
+            "0",
+            "--output-dir",
+            out,
+        ],
+    )
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["aa"] is None and cfg["mixup"] == 0.0 and cfg["weight_decay"] == 0.0  # the probe preset
     assert (out / "labels.txt").read_text().split() == CLASSES
@@ -355,13 +465,18 @@ def test_predict_prints_top5_with_names(reference_run, shapes):
     state = load_file(str(reference_run / "best.safetensors"))
     model = timm.create_model("convnextv2_atto", num_classes=3).eval()
     model.load_state_dict({k: v.reshape(model.state_dict()[k].shape) for k, v in state.items()})
-    tf = transforms.Compose([transforms.Resize(73, interpolation=transforms.InterpolationMode.BICUBIC),
-                             transforms.CenterCrop(64), transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = transforms.Compose(
+        [
+            transforms.Resize(73, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(64),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     with torch.no_grad():
         probs = model(torch.stack([tf(Image.open(p).convert("RGB")) for p in images])).softmax(1)
     for i in range(2):
-        printed = [line.split() for line in lines[4 * i + 1: 4 * i + 4]]
+        printed = [line.split() for line in lines[4 * i + 1 : 4 * i + 4]]
         order = probs[i].argsort(descending=True).tolist()
         assert [p[1] for p in printed] == [CLASSES[j] for j in order]
         assert [float(p[2]) for p in printed] == pytest.approx(probs[i][order].tolist(), abs=1e-4)
@@ -379,7 +494,8 @@ def test_predict_names_each_unreadable_file_and_predicts_the_rest(reference_run,
     assert printed == [str(good[0]), str(good[1])]  # every readable image, in order
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: cannot read")]
     assert [e.split(": ")[1].removeprefix("cannot read ") for e in errors] == [
-        str(tmp_path / n) for n in ("bad.jpg", "missing.png", "truncated.jpg")]
+        str(tmp_path / n) for n in ("bad.jpg", "missing.png", "truncated.jpg")
+    ]
     assert "3 of 5 images could not be read" in proc.stderr
     missing = run("fcmae.predict", [good[0], "--checkpoint", tmp_path / "no_such_run"], module=True, check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "no_such_run" in missing.stderr
@@ -393,12 +509,44 @@ def free_port():
 
 def test_two_processes_count_each_val_sample_once(shapes, pretrain_run, tmp_path):
     """9 val images, 2 processes, batch 4: the last batch is padded; the metric must not count the padding."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), FINETUNE, *TINY, "--from-fcmae", pretrain_run, "--data", shapes, "--epochs", "1",
-           "--lr", "2e-3", "--warmup-epochs", "0", "--output-dir", tmp_path]
-    proc = subprocess.run(list(map(str, cmd)), env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        FINETUNE,
+        *TINY,
+        "--from-fcmae",
+        pretrain_run,
+        "--data",
+        shapes,
+        "--epochs",
+        "1",
+        "--lr",
+        "2e-3",
+        "--warmup-epochs",
+        "0",
+        "--output-dir",
+        tmp_path,
+    ]
+    proc = subprocess.run(
+        list(map(str, cmd)),
+        env={**ENV, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["effective_batch_size"] == 8
     assert yaml.safe_load((tmp_path / "final.yaml").read_text())["ranks_identical"] is True
@@ -426,13 +574,18 @@ def test_presets_hold_the_official_recipes():
     from fcmae.training.config import build, load_yaml
 
     files = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
-    expected_files = [f"{m}_224" for m in fcmae.list_models("convnextv2_*")] + [
-        f"convnextv2_{s}_384" for s in ("nano", "tiny", "base", "large", "huge")] + ["convnextv2_huge_512"]
+    expected_files = (
+        [f"{m}_224" for m in fcmae.list_models("convnextv2_*")]
+        + [f"convnextv2_{s}_384" for s in ("nano", "tiny", "base", "large", "huge")]
+        + ["convnextv2_huge_512"]
+    )
     assert sorted(f.stem for f in files) == sorted(expected_files)
     # official ConvNeXt V2 code: blr, epochs, warmup, layer decay, type, wd, drop path, mixup, cutmix, smoothing
-    official = {"atto": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0.0, 0.0, 0.2),
-                "tiny": (8e-4, 300, 40, 0.9, "single", 0.05, 0.2, 0.8, 1.0, 0.1),
-                "base": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.1, 0.8, 1.0, 0.1)}
+    official = {
+        "atto": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0.0, 0.0, 0.2),
+        "tiny": (8e-4, 300, 40, 0.9, "single", 0.05, 0.2, 0.8, 1.0, 0.1),
+        "base": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.1, 0.8, 1.0, 0.1),
+    }
     for f in files:
         cfg = build(FinetuneConfig, load_yaml(f))
         cfg.validate()
@@ -442,14 +595,24 @@ def test_presets_hold_the_official_recipes():
         assert (cfg.min_lr, cfg.aa, cfg.reprob, cfg.head_init_scale) == (1e-6, "rand-m9-mstd0.5-inc1", 0.25, 0.001)
         assert cfg.model_ema and cfg.model_ema_decay == 0.9999 and (cfg.beta1, cfg.beta2) == (0.9, 0.999)
         if size in official and res == 224:
-            got = (cfg.blr, cfg.epochs, cfg.warmup_epochs, cfg.layer_decay, cfg.layer_decay_type, cfg.weight_decay,
-                   cfg.drop_path, cfg.mixup, cfg.cutmix, cfg.smoothing)
+            got = (
+                cfg.blr,
+                cfg.epochs,
+                cfg.warmup_epochs,
+                cfg.layer_decay,
+                cfg.layer_decay_type,
+                cfg.weight_decay,
+                cfg.drop_path,
+                cfg.mixup,
+                cfg.cutmix,
+                cfg.smoothing,
+            )
             assert got == official[size], f.name
 
 
 def test_flags_and_bad_arguments():
-    from fcmae.training.config import parse_args
     from fcmae.tasks.classify import choose_preset
+    from fcmae.training.config import parse_args
 
     def parse(*argv):
         cfg = parse_args(FinetuneConfig, list(argv), choose_preset=choose_preset)
@@ -460,9 +623,12 @@ def test_flags_and_bad_arguments():
     assert probe.linear_probe and probe.mixup == 0 and probe.aa is None and probe.weight_decay == 0
     assert parse("--linear-probe", "--weight-decay", "0.01").weight_decay == 0.01  # flags beat the preset
     assert parse("--aa", "none").aa is None and parse("--model-ema").model_ema is True
-    for argv, message in ((["--input-size", "100"], "multiple of 32"), (["--eval-only"], "--checkpoint"),
-                          (["--mixup", "0.8", "--batch-size", "3"], "even"),
-                          (["--layer-decay-type", "blocks"], "single or group")):
+    for argv, message in (
+        (["--input-size", "100"], "multiple of 32"),
+        (["--eval-only"], "--checkpoint"),
+        (["--mixup", "0.8", "--batch-size", "3"], "even"),
+        (["--layer-decay-type", "blocks"], "single or group"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse(*argv)
 

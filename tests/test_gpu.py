@@ -1,12 +1,12 @@
 """CUDA-only checks (skipped where no GPU is present, as on CI; run them on a GPU machine):
 backends agree on the device, bf16 autocast, channels_last, torch.compile, no host syncs in a step."""
+
 import pytest
 import torch
 
 from fcmae import create_fcmae
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def rel(a, b):

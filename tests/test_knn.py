@@ -1,5 +1,6 @@
 """The k-NN monitor: DINO's weighted vote against numpy brute force, feature extraction against a
 direct forward, and the monitor on a labelled folder against both."""
+
 import socket
 import subprocess
 import sys
@@ -9,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from conftest import CLI_ENV, ROOT
 from PIL import Image
 
-from conftest import CLI_ENV, ROOT
 from fcmae.data.labelled import eval_transform
 from fcmae.models import create_fcmae, create_model
 from fcmae.tasks.pretrain.evaluation import KnnMonitor, extract_features, knn_accuracy
@@ -49,8 +50,16 @@ def test_knn_accuracy_equals_brute_force(k):
     train, train_y = clustered(150, 5, 16, rng)
     test, test_y = clustered(60, 5, 16, rng)
     want = brute_force_knn(train, train_y, test, test_y, 5, k)
-    got = knn_accuracy(torch.from_numpy(train) * 3, torch.from_numpy(train_y), torch.from_numpy(test),
-                       torch.from_numpy(test_y), 5, k=k, temperature=T, chunk=7)  # chunks of 7 test rows
+    got = knn_accuracy(
+        torch.from_numpy(train) * 3,
+        torch.from_numpy(train_y),
+        torch.from_numpy(test),
+        torch.from_numpy(test_y),
+        5,
+        k=k,
+        temperature=T,
+        chunk=7,
+    )  # chunks of 7 test rows
     assert 0 < want < 100 and got == pytest.approx(want, abs=1e-9)
     if k == 1:  # one neighbour: plain nearest-neighbour (cosine) accuracy
         tn, sn = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (train, test))
@@ -159,11 +168,27 @@ def test_two_processes_gather_every_image_once(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env={**CLI_ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(script),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd, env={**CLI_ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     encoder = create_fcmae("convnextv2_atto").encoder

@@ -1,6 +1,8 @@
 """The package's structure stays as declared: the import layers (import-linter contracts in
-pyproject.toml), no import cycle, task loops that read top to bottom, and comments that cite
+pyproject.toml), no import cycle, task loops that read top to bottom, no function over 60 lines,
+and comments that cite
 only what a reader of the repository can follow."""
+
 import ast
 import re
 import shutil
@@ -31,7 +33,7 @@ def test_no_import_cycle():
         state[m] = "open"
         for n in sorted(edges[m]):
             if state.get(n) == "open":
-                cycles.append(path[path.index(n):] + [n])
+                cycles.append(path[path.index(n) :] + [n])
             elif n not in state:
                 visit(n, path + [n])
         state[m] = "done"
@@ -52,10 +54,29 @@ def test_task_loops_are_short():
         assert fn.end_lineno - fn.lineno + 1 <= 80, f"{task}/loop.py:train is {fn.end_lineno - fn.lineno + 1} lines"
 
 
+def test_no_function_is_over_60_lines():
+    """Every function of the package, decorators excluded, docstring included, as ruff formats it."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(PKG.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, long
+
+
 def test_sources_cite_nothing_a_reader_cannot_see():
     pattern = re.compile(r"REFERENCE\.md|shared/(REFERENCE|DESIGN|STYLE)|\b[Ii]ssue \d+\b")
-    files = [p for d in ("fcmae", "finetune", "tests", "benchmarks", "configs") for p in (ROOT / d).rglob("*")
-             if p.suffix in (".py", ".yaml", ".sh") and p.name != "test_layout.py"] + [ROOT / "README.md"]
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
-            if pattern.search(line)]
+    files = [
+        p
+        for d in ("fcmae", "finetune", "tests", "benchmarks", "configs")
+        for p in (ROOT / d).rglob("*")
+        if p.suffix in (".py", ".yaml", ".sh") and p.name != "test_layout.py"
+    ] + [ROOT / "README.md"]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in files
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, hits[:10]

@@ -1,6 +1,7 @@
 """Local listing: links to folders and files followed, link loops caught, hidden files skipped, splits
 and class names as datasets' imagefolder gives them, one listing per run; and the entry points on
 linked folders. Expected values are the files each test lays out, or datasets' own imagefolder."""
+
 import json
 import os
 import time
@@ -9,9 +10,9 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import yaml
+from conftest import ROOT, run_cli
 from PIL import Image
 
-from conftest import ROOT, run_cli
 from fcmae.data import DataConfig, build_pretrain_loader, decode_rgb, list_files, load_images, load_labelled
 from fcmae.data.listing import class_labels, local_files
 
@@ -31,13 +32,19 @@ def rel(root, paths):
 
 
 def labelled_cfg(data):
-    return SimpleNamespace(data=str(data), dataset_name=None, dataset_config_name=None, train_split="train",
-                           val_split="validation", label_column=None, image_column=None)
+    return SimpleNamespace(
+        data=str(data),
+        dataset_name=None,
+        dataset_config_name=None,
+        train_split="train",
+        val_split="validation",
+        label_column=None,
+        image_column=None,
+    )
 
 
 def test_linked_val_folder_and_linked_class_folders(tmp_path):
-    tree(tmp_path / "store", ["val/cat/v0.png", "val/dog/v1.png", "kitties/c0.png", "kitties/c1.png",
-                              "puppies/d0.png"])
+    tree(tmp_path / "store", ["val/cat/v0.png", "val/dog/v1.png", "kitties/c0.png", "kitties/c1.png", "puppies/d0.png"])
     data = tmp_path / "data"
     tree(data, ["train/bird/b0.png"])
     os.symlink(tmp_path / "store" / "val", data / "val")  # a linked split
@@ -46,8 +53,9 @@ def test_linked_val_folder_and_linked_class_folders(tmp_path):
     files = list_files(str(data))
     assert {s: rel(data, fs) for s, fs in files.items()} == {
         "train": ["train/bird/b0.png", "train/cat/c0.png", "train/cat/c1.png", "train/dog/d0.png"],
-        "validation": ["val/cat/v0.png", "val/dog/v1.png"]}
-    train, train_labels, val, val_labels, names = load_labelled(labelled_cfg(data))
+        "validation": ["val/cat/v0.png", "val/dog/v1.png"],
+    }
+    _, train_labels, val, val_labels, names = load_labelled(labelled_cfg(data))
     assert names == ["bird", "cat", "dog"]  # the link names, not the targets' (kitties, puppies)
     assert train_labels == [0, 1, 1, 2] and val_labels == [1, 2]
     assert val.column_names == ["image"] and decode_rgb(val[1]["image"]).size == (8, 8)
@@ -79,8 +87,7 @@ def test_links_to_files_and_to_one_folder_twice(tmp_path):
 
 def test_hidden_special_broken_and_non_image_files_are_left_out(tmp_path):
     root = tmp_path / "data"
-    tree(root, ["a/0.png", "a/.hidden.png", ".git/1.png", "a/.ipynb_checkpoints/2.png", "__MACOSX/3.png",
-                "b/__4.png"])
+    tree(root, ["a/0.png", "a/.hidden.png", ".git/1.png", "a/.ipynb_checkpoints/2.png", "__MACOSX/3.png", "b/__4.png"])
     (root / "a" / "notes.txt").write_text("not an image")
     (root / "README.md").write_text("# data")
     os.symlink(tmp_path / "nowhere", root / "a" / "gone.png")
@@ -91,8 +98,12 @@ def test_hidden_special_broken_and_non_image_files_are_left_out(tmp_path):
 
 def test_splits_and_labels_match_datasets_imagefolder(tmp_path):
     root = tmp_path / "data"
-    names = [f"{split}/{c}/{i}.{ext}" for split in ("train", "val", "test") for c in ("b_cls", "a-cls", "Z", "c 1")
-             for i, ext in ((0, "png"), (1, "jpg"), (2, "PNG"))] + ["val/only_in_val/9.png"]
+    names = [
+        f"{split}/{c}/{i}.{ext}"
+        for split in ("train", "val", "test")
+        for c in ("b_cls", "a-cls", "Z", "c 1")
+        for i, ext in ((0, "png"), (1, "jpg"), (2, "PNG"))
+    ] + ["val/only_in_val/9.png"]
     tree(root, names)
     (root / "train" / "a-cls" / "skip.txt").write_text("x")
     reference = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=str(tmp_path / "cache"))
@@ -103,8 +114,9 @@ def test_splits_and_labels_match_datasets_imagefolder(tmp_path):
         # datasets lists val/only_in_val/9.png twice (it matches both '**/val/**' and '**/*_val/**'): once here
         assert list(dict.fromkeys(paths)) == files[split] and len(paths) == len(files[split]) + (split == "validation")
     got_names, labels = class_labels({s: files[s] for s in ("train", "validation")})
-    pair = datasets.load_dataset("imagefolder", data_files={s: files[s] for s in ("train", "validation")},
-                                 cache_dir=str(tmp_path / "cache"))
+    pair = datasets.load_dataset(
+        "imagefolder", data_files={s: files[s] for s in ("train", "validation")}, cache_dir=str(tmp_path / "cache")
+    )
     assert got_names == pair["train"].features["label"].names
     assert labels == {s: pair[s]["label"] for s in ("train", "validation")}
     loaded = load_labelled(labelled_cfg(root))
@@ -136,6 +148,7 @@ def test_a_folder_is_listed_once_until_it_changes(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- entry points
 
+
 def linked_labelled_folder(tmp_path):
     """data/train/{circle,square} are links; data/val is a link. 8 training images, 4 validation."""
     store = tmp_path / "store"
@@ -153,9 +166,29 @@ def linked_labelled_folder(tmp_path):
 def test_finetune_runs_on_linked_val_and_class_folders(tmp_path):
     data = linked_labelled_folder(tmp_path)
     out = tmp_path / "out"
-    run_cli([ROOT / "finetune" / "run.py", "--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4",
-             "--num-workers", "0", "--report-to", "none", "--epochs", "1", "--warmup-epochs", "0",
-             "--data", data, "--output-dir", out])
+    run_cli(
+        [
+            ROOT / "finetune" / "run.py",
+            "--model",
+            "convnextv2_atto",
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--data",
+            data,
+            "--output-dir",
+            out,
+        ]
+    )
     assert (out / "labels.txt").read_text().split() == ["circle", "square"]  # the link names
     (row,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert row["val_samples"] == 4  # every image of the linked val/ was evaluated
@@ -164,9 +197,37 @@ def test_finetune_runs_on_linked_val_and_class_folders(tmp_path):
 def test_pretrain_runs_on_linked_class_folders(tmp_path):
     data = linked_labelled_folder(tmp_path) / "train"
     out = tmp_path / "out"
-    run_cli([ROOT / "fcmae" / "pretrain.py", "--model", "convnextv2_atto", "--decoder-dim", "32", "--input-size", "64",
-             "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--num-recon", "2", "--lr", "1e-3",
-             "--warmup-steps", "1", "--max-steps", "2", "--save-every", "2", "--data", data, "--output-dir", out])
+    run_cli(
+        [
+            ROOT / "fcmae" / "pretrain.py",
+            "--model",
+            "convnextv2_atto",
+            "--decoder-dim",
+            "32",
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--num-recon",
+            "2",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--max-steps",
+            "2",
+            "--save-every",
+            "2",
+            "--data",
+            data,
+            "--output-dir",
+            out,
+        ]
+    )
     assert (out / "encoder.safetensors").exists()
     # both linked class folders were read: 8 images, 2 steps of 4 an epoch, each image seen once
     config, final = (yaml.safe_load((out / name).read_text()) for name in ("config.yaml", "final.yaml"))

@@ -7,6 +7,7 @@ MinkowskiEngine is an optional dependency (``bash .ci/install_minkowski.sh``): o
 test that needs it is skipped when it cannot be imported, and only then. In CI (``CI`` or
 ``FCMAE_REQUIRE_MINKOWSKI`` set to 1/true; ``.ci/run`` sets the latter) those tests fail instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from fcmae import create_fcmae
-from fcmae.weights.convert import _minkowski_kernel
 from fcmae.sparse import minkowski as mk
+from fcmae.weights.convert import _minkowski_kernel
 
 try:
     ME, ME_ERROR = mk.import_minkowski(), None
 except ImportError as e:
     ME, ME_ERROR = None, e
 pytestmark = pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # ME 0.5.4
-ME_REQUIRED = os.environ.get("FCMAE_REQUIRE_MINKOWSKI", os.environ.get("CI", "")).strip().lower() in ("1", "true", "yes")
+ME_REQUIRED = os.environ.get("FCMAE_REQUIRE_MINKOWSKI", os.environ.get("CI", "")).strip().lower() in (
+    "1",
+    "true",
+    "yes",
+)
 if ME is None and ME_REQUIRED:  # CI claims to test this backend: fail, never skip
     needs_me = pytest.mark.usefixtures("_require_me")
 else:
@@ -34,8 +39,11 @@ else:
 
 @pytest.fixture
 def _require_me():
-    pytest.fail(f"MinkowskiEngine is required here (CI / FCMAE_REQUIRE_MINKOWSKI) but cannot be imported: {ME_ERROR}",
-                pytrace=False)
+    pytest.fail(
+        f"MinkowskiEngine is required here (CI / FCMAE_REQUIRE_MINKOWSKI) but cannot be imported: {ME_ERROR}",
+        pytrace=False,
+    )
+
 
 TOL = 1e-5
 
@@ -56,12 +64,15 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL, w
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     err = (actual - expected).abs().max().item()
     scale = expected.abs().max().item()
-    assert err <= tol * max(scale, 1e-12), f"{what}: max abs err {err:.3g} vs scale {scale:.3g} (rel {err / max(scale, 1e-30):.3g})"
+    assert err <= tol * max(scale, 1e-12), (
+        f"{what}: max abs err {err:.3g} vs scale {scale:.3g} (rel {err / max(scale, 1e-30):.3g})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # MinkowskiEngine's kernel order, independently of the backend
 # ---------------------------------------------------------------------------------------------
+
 
 def _full_grid_sparse(x: torch.Tensor, stride: int = 1):
     """Dense (1, C, H, W) -> ME sparse tensor on every site; ME coordinate (batch, row, col)."""
@@ -69,7 +80,9 @@ def _full_grid_sparse(x: torch.Tensor, stride: int = 1):
     r, q = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     coords = torch.stack([torch.zeros(h * w, dtype=torch.long), r.flatten() * stride, q.flatten() * stride], 1).int()
     feats = x[0].permute(1, 2, 0).reshape(h * w, c)
-    return ME.SparseTensor(feats, coordinates=coords, tensor_stride=stride, coordinate_manager=mk.coordinate_manager(feats))
+    return ME.SparseTensor(
+        feats, coordinates=coords, tensor_stride=stride, coordinate_manager=mk.coordinate_manager(feats)
+    )
 
 
 def _to_dense(y, h: int, w: int, stride: int) -> torch.Tensor:
@@ -128,6 +141,7 @@ def test_me_kernel_order_strided_conv_matches_conv2d():
 # ---------------------------------------------------------------------------------------------
 # the backend against the dense reference
 # ---------------------------------------------------------------------------------------------
+
 
 def _model(drop_path_rate: float) -> torch.nn.Module:
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """The model interface, initialisation, and sizes against the published figures."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,19 +13,29 @@ ATTO_DIMS = (40, 80, 160, 320)
 # Published figures, written out here (the ConvNeXt V2 paper and README; ConvNeXt V1 paper Tables 1-2 and the
 # official README, which give V1 params in whole millions).
 PUBLISHED_PARAMS_M = {
-    "convnextv2_atto": "3.71", "convnextv2_femto": "5.23", "convnextv2_pico": "9.07", "convnextv2_nano": "15.62",
-    "convnextv2_tiny": "28.64", "convnextv2_base": "88.72", "convnextv2_large": "197.96",
+    "convnextv2_atto": "3.71",
+    "convnextv2_femto": "5.23",
+    "convnextv2_pico": "9.07",
+    "convnextv2_nano": "15.62",
+    "convnextv2_tiny": "28.64",
+    "convnextv2_base": "88.72",
+    "convnextv2_large": "197.96",
     "convnextv2_huge": "660.29",
-    "convnext_tiny": "29", "convnext_small": "50", "convnext_base": "89", "convnext_large": "198",
+    "convnext_tiny": "29",
+    "convnext_small": "50",
+    "convnext_base": "89",
+    "convnext_large": "198",
     "convnext_xlarge": "350",
-    "convnext_isotropic_small": "22", "convnext_isotropic_base": "87", "convnext_isotropic_large": "306",
+    "convnext_isotropic_small": "22",
+    "convnext_isotropic_base": "87",
+    "convnext_isotropic_large": "306",
 }
 
 
 def close_to_published(ours: float, published: str) -> bool:
     """Within 1 %, or equal at the precision the figure was printed with ("22" covers 21.5..22.5)."""
     pub, decimals = float(published), len(published.partition(".")[2])
-    return abs(ours - pub) <= max(0.01 * pub, 0.5 * 10 ** -decimals)
+    return abs(ours - pub) <= max(0.01 * pub, 0.5 * 10**-decimals)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 corrupt file -> parquet / webdataset shards + manifest; output independent of --workers; resume after
 an interrupted pack; checksums naming a damaged shard; read map-style by datasets and fcmae, streamed,
 and trained on (pretraining with --streaming and --knn-data). CPU, offline."""
+
 import hashlib
 import json
 import os
@@ -12,17 +13,17 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import ROOT, run_cli
+from PIL import Image
 
-from conftest import ROOT, run_cli  # noqa: E402
-from fcmae.data import DataConfig, build_pretrain_loader, load_labelled, load_source  # noqa: E402
-from fcmae.data.__main__ import main as data_main  # noqa: E402
-from fcmae.data.pack import pack, verify  # noqa: E402
+from fcmae.data import DataConfig, build_pretrain_loader, load_labelled, load_source
+from fcmae.data.__main__ import main as data_main
+from fcmae.data.pack import pack, verify
 
 
 def noise(i, size=32):
@@ -57,8 +58,11 @@ def packed(tree, tmp_path_factory):
 
 
 def files(out: Path) -> dict:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".pack" not in p.parts}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and ".pack" not in p.parts
+    }
 
 
 @dataclass
@@ -94,14 +98,15 @@ def test_parquet_shards_columns_labels_arrays_and_manifest(tree, packed):
     assert ds.features["image"] == datasets.Image(decode=False)  # arrays inside: datasets must not open them
     assert ds.features["label"] == datasets.ClassLabel(names=["cat", "dog"])
 
-    train_ds, train_labels, val_ds, val_labels, names = load_labelled(Labelled(str(packed)))  # fine-tuning, k-NN
+    train_ds, _, val_ds, val_labels, names = load_labelled(Labelled(str(packed)))  # fine-tuning, k-NN
     assert (len(train_ds), len(val_ds), names) == (19, 8, ["cat", "dog"]) and sorted(val_labels) == [0] * 4 + [1] * 4
     assert load_source(DataConfig(data=str(packed)))[1] == 19
     for streaming in (False, True):  # the corrupt PNG is one bad image; the arrays are read as 3-channel images
-        loader = build_pretrain_loader(DataConfig(data=str(packed), streaming=streaming, input_size=32,
-                                                  max_bad_fraction=0.5), batch_size=19)
+        loader = build_pretrain_loader(
+            DataConfig(data=str(packed), streaming=streaming, input_size=32, max_bad_fraction=0.5), batch_size=19
+        )
         with pytest.warns(UserWarning, match="Skipping unreadable image train/dog/broken.png"):
-            (images, ok), = list(loader)
+            ((images, ok),) = list(loader)
         assert images.shape == (19, 3, 32, 32) and int((~ok).sum()) == 1
 
 
@@ -143,8 +148,12 @@ def test_verify_names_a_damaged_shard_and_the_command_line(packed, tmp_path, cap
 def test_webdataset_shards_read_by_datasets_and_streamed(tmp_path):
     src = write_tree(tmp_path / "src", arrays=False, broken=False)  # one image type: datasets' loader needs it
     out = tmp_path / "wds"
-    assert data_main(["pack", str(src), "--out", str(out), "--format", "webdataset", "--shard-size", "20KB",
-                      "--workers", "1"]) == 0
+    assert (
+        data_main(
+            ["pack", str(src), "--out", str(out), "--format", "webdataset", "--shard-size", "20KB", "--workers", "1"]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shard_format"] == "webdataset" and manifest["splits"]["train"]["num_rows"] == 16
     tars = sorted(str(p) for p in (out / "train").glob("*.tar"))
@@ -152,8 +161,9 @@ def test_webdataset_shards_read_by_datasets_and_streamed(tmp_path):
     assert len(ds) == 16 and isinstance(ds.features["png"], datasets.Image) and sorted(ds["cls"]) == [0] * 8 + [1] * 8
     _, _, val, val_labels, _ = load_labelled(Labelled(str(out)))  # map-style through datasets' webdataset loader
     assert len(val) == 8 and sorted(val_labels) == [0] * 4 + [1] * 4
-    loader = build_pretrain_loader(DataConfig(data=str(out), streaming=True, input_size=32), batch_size=4,
-                                   num_workers=2)
+    loader = build_pretrain_loader(
+        DataConfig(data=str(out), streaming=True, input_size=32), batch_size=4, num_workers=2
+    )
     oks = [ok for _, ok in loader]
     assert len(oks) == 4 and all(ok.all() for ok in oks)
 
@@ -164,10 +174,42 @@ def test_pack_then_pretrain_streaming_with_knn(tmp_path):
     src = write_tree(tmp_path / "src", arrays=False, broken=False)
     out = tmp_path / "packed"
     assert data_main(["pack", str(src), "--out", str(out), "--shard-size", "20KB", "--workers", "2"]) == 0
-    run_cli([ROOT / "fcmae" / "pretrain.py", "--input-size", "64", "--batch-size", "4", "--num-workers", "0",
-             "--report-to", "none", "--model", "convnextv2_atto", "--decoder-dim", "32", "--num-recon", "1", "--lr",
-             "1e-3", "--warmup-steps", "1", "--data", out, "--streaming", "--knn-data", out, "--knn-every", "2",
-             "--max-steps", "2", "--save-every", "2", "--output-dir", tmp_path / "pre"])
+    run_cli(
+        [
+            ROOT / "fcmae" / "pretrain.py",
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--model",
+            "convnextv2_atto",
+            "--decoder-dim",
+            "32",
+            "--num-recon",
+            "1",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--data",
+            out,
+            "--streaming",
+            "--knn-data",
+            out,
+            "--knn-every",
+            "2",
+            "--max-steps",
+            "2",
+            "--save-every",
+            "2",
+            "--output-dir",
+            tmp_path / "pre",
+        ]
+    )
     final = yaml.safe_load((tmp_path / "pre" / "final.yaml").read_text())
     assert final["num_seen"] == 8 and final["num_bad"] == 0
     assert "knn_acc1" in (tmp_path / "pre" / "log.jsonl").read_text()

@@ -1,4 +1,5 @@
 """The pretraining runner, driven as a user would: `python fcmae/pretrain.py ...` in a subprocess."""
+
 import json
 import random
 import signal
@@ -12,18 +13,37 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CLI_ENV as ENV
+from conftest import ROOT, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
 import fcmae
-from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
 from fcmae.training.config import parse_args
 
 SCRIPT = str(ROOT / "fcmae" / "pretrain.py")
-TINY = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--decoder-dim", "32",
-        "--num-workers", "0", "--report-to", "none", "--log-every", "1", "--num-recon", "2", "--lr", "1e-3",
-        "--warmup-steps", "2"]
+TINY = [
+    "--model",
+    "convnextv2_atto",
+    "--input-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--decoder-dim",
+    "32",
+    "--num-workers",
+    "0",
+    "--report-to",
+    "none",
+    "--log-every",
+    "1",
+    "--num-recon",
+    "2",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "2",
+]
 
 
 def make_images(folder: Path, n: int = 24, seed: int = 0) -> Path:
@@ -60,8 +80,21 @@ def images(tmp_path_factory):
 def reference_run(images, tmp_path_factory):
     """Uninterrupted: 12 optimizer steps of 2 accumulated micro-batches (3 steps per epoch)."""
     out = tmp_path_factory.mktemp("ref")
-    run([*TINY, "--data", str(images), "--grad-accum", "2", "--max-steps", "12", "--save-every", "4",
-         "--output-dir", str(out)])
+    run(
+        [
+            *TINY,
+            "--data",
+            str(images),
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "12",
+            "--save-every",
+            "4",
+            "--output-dir",
+            str(out),
+        ]
+    )
     return out
 
 
@@ -89,8 +122,19 @@ def test_end_to_end_outputs(reference_run):
 @pytest.mark.parametrize("fault", ["step:5", "checkpoint:8"])
 def test_resume_after_sigkill_is_bitwise_exact(reference_run, images, tmp_path, fault):
     """Killed mid-epoch (after step 5 of 3-step epochs) or while writing the step-8 checkpoint."""
-    args = [*TINY, "--data", str(images), "--grad-accum", "2", "--max-steps", "12", "--save-every", "4",
-            "--output-dir", str(tmp_path)]
+    args = [
+        *TINY,
+        "--data",
+        str(images),
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "12",
+        "--save-every",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+    ]
     crashed = run(args, env={"FCMAE_FAULT": fault}, check=False)
     assert crashed.returncode == -signal.SIGKILL
     if fault.startswith("checkpoint"):
@@ -106,10 +150,22 @@ def test_resume_after_sigkill_is_bitwise_exact(reference_run, images, tmp_path, 
 
 
 def test_resume_after_kill_at_a_random_moment(reference_run, images, tmp_path):
-    args = [*TINY, "--data", str(images), "--grad-accum", "2", "--max-steps", "12", "--save-every", "4",
-            "--output-dir", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = [
+        *TINY,
+        "--data",
+        str(images),
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "12",
+        "--save-every",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not list((tmp_path / "checkpoints").glob("step_*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -128,12 +184,35 @@ def free_port():
 
 
 def test_two_processes(images, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), SCRIPT, *TINY, "--data", str(images), "--max-steps", "4",
-           "--save-every", "2", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        SCRIPT,
+        *TINY,
+        "--data",
+        str(images),
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert cfg["world_size"] == 2 and cfg["effective_batch_size"] == 8
@@ -149,7 +228,7 @@ def odd_images(folder: Path) -> Path:
     Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
     Image.fromarray(rgb).convert("P").save(folder / "palette.png")
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "gray16.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "gray16.png")
     (folder / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     data = (folder / "img_001.png").read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 3])
@@ -158,13 +237,28 @@ def odd_images(folder: Path) -> Path:
 
 def test_corrupt_and_odd_images(tmp_path):
     data = odd_images(tmp_path / "odd")  # 21 decodable images in 5 modes, 2 corrupt
-    ok = run([*TINY, "--data", str(data), "--max-steps", "30", "--save-every", "30", "--max-bad-fraction", "0.3",
-              "--output-dir", str(tmp_path / "ok")])
+    ok = run(
+        [
+            *TINY,
+            "--data",
+            str(data),
+            "--max-steps",
+            "30",
+            "--save-every",
+            "30",
+            "--max-bad-fraction",
+            "0.3",
+            "--output-dir",
+            str(tmp_path / "ok"),
+        ]
+    )
     final = yaml.safe_load((tmp_path / "ok" / "final.yaml").read_text())
     assert final["num_seen"] == 120 and 0 < final["num_bad"] < 120 * 0.3
     assert "garbage.jpg" in ok.stderr or "garbage.jpg" in ok.stdout
-    bad = run([*TINY, "--data", str(data), "--max-steps", "30", "--save-every", "30", "--output-dir",
-               str(tmp_path / "bad")], check=False)
+    bad = run(
+        [*TINY, "--data", str(data), "--max-steps", "30", "--save-every", "30", "--output-dir", str(tmp_path / "bad")],
+        check=False,
+    )
     assert bad.returncode != 0 and "max-bad-fraction" in bad.stderr
 
 
@@ -175,15 +269,45 @@ def test_streaming_parquet(images, tmp_path):
     files = sorted(images.iterdir())
     table = pa.table({"picture": [{"bytes": f.read_bytes(), "path": f.name} for f in files]})
     pq.write_table(table, tmp_path / "train.parquet")
-    run([*TINY, "--data", str(tmp_path / "train.parquet"), "--streaming", "--image-column", "picture",
-         "--max-steps", "3", "--save-every", "3", "--output-dir", str(tmp_path / "out")])
+    run(
+        [
+            *TINY,
+            "--data",
+            str(tmp_path / "train.parquet"),
+            "--streaming",
+            "--image-column",
+            "picture",
+            "--max-steps",
+            "3",
+            "--save-every",
+            "3",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert yaml.safe_load((tmp_path / "out" / "final.yaml").read_text())["num_seen"] == 12
     assert (tmp_path / "out" / "encoder.safetensors").is_file()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path):
-    proc = run([*TINY, "--data", str(images), "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "30",
-                "--save-every", "1", "--output-dir", str(tmp_path)], check=False)
+    proc = run(
+        [
+            *TINY,
+            "--data",
+            str(images),
+            "--lr",
+            "1e30",
+            "--warmup-steps",
+            "0",
+            "--max-steps",
+            "30",
+            "--save-every",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     err = proc.stderr
     assert "Non-finite loss at step" in err and "last good checkpoint" in err
@@ -217,8 +341,8 @@ def test_config_precedence(tmp_path):
 
 
 def test_presets_are_valid_configs():
-    from fcmae.training.config import build, load_yaml
     from fcmae.pretrain import PretrainConfig
+    from fcmae.training.config import build, load_yaml
 
     files = sorted((ROOT / "configs" / "pretrain").glob("convnextv2_*.yaml"))
     assert [f.stem for f in files] == sorted(fcmae.list_models("convnextv2_*"))
@@ -242,13 +366,44 @@ def test_resume_from_a_pushed_fcmae(reference_run, images, tmp_path):
     from test_hub import _populate_cache
 
     export = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "fcmae.hub", "export", "--checkpoint", str(reference_run), "--format",
-                    "fcmae", "--out", str(export)], env=ENV, check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fcmae.hub",
+            "export",
+            "--checkpoint",
+            str(reference_run),
+            "--format",
+            "fcmae",
+            "--out",
+            str(export),
+        ],
+        env=ENV,
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     _populate_cache(tmp_path / "cache", "someone/atto-fcmae", export, "0" * 40)
     out = tmp_path / "out"
-    proc = run([*TINY, "--data", str(images), "--grad-accum", "2", "--max-steps", "14", "--save-every", "100",
-                "--resume", "hf-hub:someone/atto-fcmae", "--output-dir", str(out)],
-               env={"HF_HUB_CACHE": str(tmp_path / "cache")})
+    proc = run(
+        [
+            *TINY,
+            "--data",
+            str(images),
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "14",
+            "--save-every",
+            "100",
+            "--resume",
+            "hf-hub:someone/atto-fcmae",
+            "--output-dir",
+            str(out),
+        ],
+        env={"HF_HUB_CACHE": str(tmp_path / "cache")},
+    )
     assert "from step 12" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [13, 14]
@@ -260,14 +415,47 @@ def test_resume_from_a_pushed_fcmae(reference_run, images, tmp_path):
     assert_bitwise_equal({k: v for k, v in model.state_dict().items()}, weights(reference_run))
     # and the resumed run loaded them: with lr 0 (AdamW's decay scales with it) a step leaves them as loaded
     still = tmp_path / "still"
-    run([*TINY, "--data", str(images), "--grad-accum", "2", "--max-steps", "13", "--save-every", "100", "--lr", "0",
-         "--resume", "hf-hub:someone/atto-fcmae", "--output-dir", str(still)], env={"HF_HUB_CACHE": str(tmp_path / "cache")})
+    run(
+        [
+            *TINY,
+            "--data",
+            str(images),
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "13",
+            "--save-every",
+            "100",
+            "--lr",
+            "0",
+            "--resume",
+            "hf-hub:someone/atto-fcmae",
+            "--output-dir",
+            str(still),
+        ],
+        env={"HF_HUB_CACHE": str(tmp_path / "cache")},
+    )
     assert_bitwise_equal(weights(still), weights(reference_run))
 
 
 def test_init_from_loads_the_full_fcmae(reference_run, images, tmp_path):
     """--init-from a run directory: with lr 0 (AdamW's decoupled decay scales with lr too) one step
     leaves the loaded weights untouched, so the new run's export equals the source bit for bit."""
-    run([*TINY, "--data", str(images), "--init-from", str(reference_run), "--lr", "0", "--max-steps", "1",
-         "--save-every", "1", "--output-dir", str(tmp_path)])
+    run(
+        [
+            *TINY,
+            "--data",
+            str(images),
+            "--init-from",
+            str(reference_run),
+            "--lr",
+            "0",
+            "--max-steps",
+            "1",
+            "--save-every",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert_bitwise_equal(weights(tmp_path), weights(reference_run))

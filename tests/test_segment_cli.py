@@ -5,6 +5,7 @@ Independent references: a numpy confusion matrix of predictions recomputed here 
 (mmseg's resize, sliding window and reduce_zero_label, written out again), transformers'
 AutoModelForSemanticSegmentation, fcmae's dense ConvNeXt against transformers' ConvNeXt V2, and the
 lr schedule by hand."""
+
 import json
 import re
 import signal
@@ -18,22 +19,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import CLI_ENV as ENV
+from conftest import ROOT, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
 import fcmae
-from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
 from fcmae.tasks.segment import artifact as sa
-from fcmae.weights import hub
 from fcmae.tasks.segment import model as sm
+from fcmae.weights import hub
 from fcmae.weights.source import read_metadata
 
 SCRIPT = ROOT / "finetune" / "segment.py"
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 COLOURS = {1: (200, 60, 50), 2: (60, 180, 70), 3: (60, 80, 210)}
-SEG = ["--num-classes", "3", "--batch-size", "4", "--head-channels", "64", "--lr", "1e-3", "--mixed-precision", "no",
-       "--num-workers", "0", "--report-to", "none"]
+SEG = [
+    "--num-classes",
+    "3",
+    "--batch-size",
+    "4",
+    "--head-channels",
+    "64",
+    "--lr",
+    "1e-3",
+    "--mixed-precision",
+    "no",
+    "--num-workers",
+    "0",
+    "--report-to",
+    "none",
+]
 REF = ["--input-size", "128", "--max-steps", "24", "--eval-every", "12", "--save-every", "8", "--log-every", "4"]
 MIOU_BAR = 80.0  # measured: 96.9 at step 24 (80.9 at step 12); chance is about 25 for three classes
 
@@ -43,7 +58,7 @@ def make_pair(rng, h, w):
     yy, xx = np.mgrid[:h, :w]
     label = np.zeros((h, w), np.uint8)
     y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    label[y0:y0 + h // 3, x0:x0 + w // 3] = 1
+    label[y0 : y0 + h // 3, x0 : x0 + w // 3] = 1
     cy, cx, r = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4), min(h, w) // 5
     label[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 2
     label[(yy > h // 2) & (xx < w // 2) & (yy - h // 2 > xx)] = 3
@@ -83,9 +98,33 @@ def ade(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(ade, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    run_cli([ROOT / "fcmae" / "pretrain.py", "--data", ade / "images" / "training", "--model", "convnextv2_atto",
-             "--input-size", "64", "--batch-size", "4", "--max-steps", "10", "--decoder-dim", "32", "--num-workers",
-             "0", "--report-to", "none", "--num-recon", "0", "--save-every", "10", "--output-dir", out])
+    run_cli(
+        [
+            ROOT / "fcmae" / "pretrain.py",
+            "--data",
+            ade / "images" / "training",
+            "--model",
+            "convnextv2_atto",
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "10",
+            "--decoder-dim",
+            "32",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--num-recon",
+            "0",
+            "--save-every",
+            "10",
+            "--output-dir",
+            out,
+        ]
+    )
     return out
 
 
@@ -99,6 +138,7 @@ def reference(ade, pretrained, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the independent computation
 
+
 def slide(net, x, crop):
     """mmseg's slide_inference: windows of ``crop`` every 2/3 of it, the last flush with the border."""
     h, w = x.shape[-2:]
@@ -110,9 +150,9 @@ def slide(net, x, crop):
     total, count = 0, torch.zeros(1, 1, h, w)
     for y in starts(h):
         for x0 in starts(w):
-            logits = net(pixel_values=x[..., y:y + crop, x0:x0 + crop]).logits
+            logits = net(pixel_values=x[..., y : y + crop, x0 : x0 + crop]).logits
             total = total + F.pad(logits, (x0, w - x0 - logits.shape[-1], y, h - y - logits.shape[-2]))
-            count[..., y:y + crop, x0:x0 + crop] += 1
+            count[..., y : y + crop, x0 : x0 + crop] += 1
     return total / count
 
 
@@ -148,13 +188,21 @@ def numpy_metrics(pairs, k: int = 3) -> dict:
 
 # ----------------------------------------------------------------------------- tests
 
+
 def test_fcmae_encoder_to_a_trained_segmenter(reference):
     """Pretrain 10 steps, fine-tune 24 at 128 px: a clearly non-trivial mIoU, the outputs, the schedule."""
     evals = rows(reference, "eval")
     assert [r["step"] for r in evals] == [12, 24] and evals[-1]["mIoU"] >= MIOU_BAR, evals
     assert all(0 <= r[k] <= 100 for r in evals for k in ("mIoU", "mAcc", "aAcc")) and evals[-1]["val_images"] == 7
-    assert {p.name for p in reference.iterdir()} >= {"config.yaml", "log.jsonl", "per_class_iou.json", "checkpoints",
-                                                      "best.safetensors", "last.safetensors", "final.yaml"}
+    assert {p.name for p in reference.iterdir()} >= {
+        "config.yaml",
+        "log.jsonl",
+        "per_class_iou.json",
+        "checkpoints",
+        "best.safetensors",
+        "last.safetensors",
+        "final.yaml",
+    }
     cfg = yaml.safe_load((reference / "config.yaml").read_text())
     assert cfg["model"] == "convnextv2_atto" and cfg["warmup_steps_resolved"] == 2  # a tenth of 24 (mmseg: 1500)
     for r in rows(reference, "train"):  # lr of optimizer step s = 1e-3 x (s - 1) / 2 in warmup, then poly to 0
@@ -183,8 +231,18 @@ def test_logged_miou_equals_an_independent_computation(reference, ade, tmp_path)
     assert scored["mIoU"] == pytest.approx(final_best(reference)) and scored["val_images"] == 7
     # predict: a palette PNG per readable image with these classes; an unreadable one named, exit 1
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    proc = segment(["predict", ade / "images" / "validation", tmp_path / "broken.jpg", "--checkpoint", reference,
-                    "--out-dir", tmp_path / "pred"], check=False)
+    proc = segment(
+        [
+            "predict",
+            ade / "images" / "validation",
+            tmp_path / "broken.jpg",
+            "--checkpoint",
+            reference,
+            "--out-dir",
+            tmp_path / "pred",
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "broken.jpg" in proc.stderr and "1 of 8 images" in proc.stderr
     paths = sorted((ade / "images" / "validation").iterdir())
     for path, (pred, _) in zip(paths, predictions(sa.load_segmenter(reference / "best.safetensors")[0], ade, 128)):
@@ -236,12 +294,48 @@ def test_two_processes_count_each_image_once(ade, pretrained, tmp_path):
     """7 validation images on 2 processes (4 + 3): the pixel count and the mIoU are those of one process
     scoring the saved weights. Step 1 runs at lr 0 (warmup), so its checkpoint holds the loaded encoder:
     transformers' ConvNeXt V2 with it gives fcmae's dense stage outputs (a strict, complete load)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT,
-           "--from-fcmae", pretrained, "--data", ade, *SEG, "--batch-size", "2", "--input-size", "64", "--max-steps",
-           "2", "--warmup-steps", "2", "--save-every", "1", "--output-dir", tmp_path]
-    proc = subprocess.run(list(map(str, cmd)), env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        SCRIPT,
+        "--from-fcmae",
+        pretrained,
+        "--data",
+        ade,
+        *SEG,
+        "--batch-size",
+        "2",
+        "--input-size",
+        "64",
+        "--max-steps",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--output-dir",
+        tmp_path,
+    ]
+    proc = subprocess.run(
+        list(map(str, cmd)),
+        env={**ENV, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = yaml.safe_load((tmp_path / "final.yaml").read_text())
     assert final["world_size"] == 2 and final["ranks_identical"] is True and final["val_images"] == 7
@@ -263,7 +357,8 @@ def test_two_processes_count_each_image_once(ade, pretrained, tmp_path):
     for a, b in zip(ours, theirs):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["encoder_load"]["missing"] == [
-        f"backbone.hidden_states_norms.stage{i}.{p}" for i in range(1, 5) for p in ("weight", "bias")]
+        f"backbone.hidden_states_norms.stage{i}.{p}" for i in range(1, 5) for p in ("weight", "bias")
+    ]
 
 
 @pytest.mark.parametrize("fault", ["missing", "size", "value"])
@@ -282,8 +377,24 @@ def test_bad_data_fails_with_one_line_and_writes_no_results(ade, tmp_path, fault
         Image.fromarray(raw).save(data / "annotations" / "training" / "ADE_0005.png")
         expect = "ADE_0005.png: label value 9 is above the 3 classes"
     out = tmp_path / "out"
-    proc = segment(["--model", "convnextv2_atto", "--data", data, *SEG, "--input-size", "64", "--max-steps", "4",
-                    "--num-workers", "1", "--output-dir", out], check=False)
+    proc = segment(
+        [
+            "--model",
+            "convnextv2_atto",
+            "--data",
+            data,
+            *SEG,
+            "--input-size",
+            "64",
+            "--max-steps",
+            "4",
+            "--num-workers",
+            "1",
+            "--output-dir",
+            out,
+        ],
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [s for s in re.split(r"[\r\n]", proc.stderr) if "error: " in s]  # the progress bar may precede it
     assert len(errors) == 1 and expect in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -4,6 +4,7 @@ metrics, export to transformers, ADE20K-layout data and its mmseg pipeline, draw
 Independent references: fcmae's dense ConvNeXt (stage outputs), transformers' own UperNet loss and
 AutoModelForSemanticSegmentation, torchmetrics and numpy brute force (metrics), hand-computed values
 (layer decay, schedule, resize sizes), PIL (drawn files)."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +33,7 @@ def make_pair(rng, h, w):
     yy, xx = np.mgrid[:h, :w]
     label = np.zeros((h, w), np.uint8)
     y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    label[y0:y0 + h // 3, x0:x0 + w // 3] = 1
+    label[y0 : y0 + h // 3, x0 : x0 + w // 3] = 1
     cy, cx, r = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4), min(h, w) // 5
     label[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 2
     label[(yy > h // 2) & (xx < w // 2) & (yy - h // 2 > xx)] = 3
@@ -76,6 +77,7 @@ class Pointwise:
 
 # ----------------------------------------------------------------------------- model
 
+
 def test_build_segmenter_follows_the_mmseg_recipe(atto):
     from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Backbone
 
@@ -102,8 +104,9 @@ def test_encoder_loads_strictly_and_matches_the_dense_model(tmp_path):
     save_file(mae.state_dict(), str(tmp_path / "fcmae.safetensors"))
     net = sm.build_segmenter("convnextv2_atto", 3, head_channels=32).eval()
     report = sm.load_encoder_into(net, str(tmp_path / "fcmae.safetensors"))
-    assert sorted(report.missing) == sorted(f"backbone.{k}" for k in net.backbone.state_dict()
-                                            if k.startswith("hidden_states_norms."))
+    assert sorted(report.missing) == sorted(
+        f"backbone.{k}" for k in net.backbone.state_dict() if k.startswith("hidden_states_norms.")
+    )
     assert any(k.startswith("decoder.") for k in report.ignored)
     x = torch.randn(2, 3, 64, 96)
     enc = mae.encoder.eval()
@@ -154,22 +157,37 @@ def test_layer_decay_by_hand_for_atto(atto):
 
     b = "backbone.encoder.stages"
     # atto depths (2, 2, 6, 2): 12 layers; stem id 1, block j of stage i id sum(depths[:i]) + j + 1, head 13
-    expect = {"backbone.embeddings.patch_embeddings.weight": d ** 12, f"{b}.0.layers.1.pwconv1.weight": d ** 11,
-              f"{b}.1.downsampling_layer.1.weight": d ** 10, f"{b}.2.layers.5.dwconv.weight": d ** 3,
-              f"{b}.3.layers.1.pwconv2.weight": d ** 1, "backbone.hidden_states_norms.stage4.weight": 1.0,
-              "decode_head.classifier.weight": 1.0, "auxiliary_head.convs.0.conv.weight": 1.0}
+    expect = {
+        "backbone.embeddings.patch_embeddings.weight": d**12,
+        f"{b}.0.layers.1.pwconv1.weight": d**11,
+        f"{b}.1.downsampling_layer.1.weight": d**10,
+        f"{b}.2.layers.5.dwconv.weight": d**3,
+        f"{b}.3.layers.1.pwconv2.weight": d**1,
+        "backbone.hidden_states_norms.stage4.weight": 1.0,
+        "decode_head.classifier.weight": 1.0,
+        "auxiliary_head.convs.0.conv.weight": 1.0,
+    }
     for name, scale in expect.items():
         assert group(name)["lr_scale"] == pytest.approx(scale) and group(name)["lr"] == pytest.approx(1e-3 * scale)
-    for name in (f"{b}.0.layers.0.grn.weight", f"{b}.0.layers.0.grn.bias", f"{b}.0.layers.0.dwconv.bias",
-                 "backbone.embeddings.layernorm.weight", "decode_head.bottleneck.batch_norm.weight"):
+    for name in (
+        f"{b}.0.layers.0.grn.weight",
+        f"{b}.0.layers.0.grn.bias",
+        f"{b}.0.layers.0.dwconv.bias",
+        "backbone.embeddings.layernorm.weight",
+        "decode_head.bottleneck.batch_norm.weight",
+    ):
         assert group(name)["weight_decay"] == 0.0, name
     for name in (f"{b}.0.layers.0.pwconv1.weight", "decode_head.bottleneck.conv.weight"):
         assert group(name)["weight_decay"] == 0.05, name
     # mmseg stage_wise, num_layers 6 (stage 3 has at most 9 blocks): stem/downsample d^7, stage i d^(6-i)
     stage = {id(p): g["lr_scale"] for g in param_groups(atto, 0.05, sm.lr_scale(atto, d, "stage")) for p in g["params"]}
-    expect = {"backbone.embeddings.patch_embeddings.weight": d ** 7, f"{b}.2.downsampling_layer.1.weight": d ** 7,
-              f"{b}.0.layers.1.pwconv1.weight": d ** 6, f"{b}.3.layers.0.dwconv.weight": d ** 3,
-              "decode_head.classifier.weight": 1.0}
+    expect = {
+        "backbone.embeddings.patch_embeddings.weight": d**7,
+        f"{b}.2.downsampling_layer.1.weight": d**7,
+        f"{b}.0.layers.1.pwconv1.weight": d**6,
+        f"{b}.3.layers.0.dwconv.weight": d**3,
+        "decode_head.classifier.weight": 1.0,
+    }
     for name, scale in expect.items():
         assert stage[id(names[name])] == pytest.approx(scale), name
 
@@ -190,13 +208,13 @@ def test_segmentation_schedule_is_mmseg_poly_by_hand():
 
 # ----------------------------------------------------------------------------- inference and metrics
 
+
 def test_slide_equals_whole_when_the_crop_covers_the_image(atto):
     x = torch.randn(2, 3, 64, 96)
     whole = se.predict_logits(atto, x)
     assert torch.equal(se.predict_logits(atto, x, mode="slide", crop=128, stride=64), whole)
     stub = Pointwise()  # position-free: every overlapping window gives each pixel the same logits
-    torch.testing.assert_close(se.predict_logits(stub, x, mode="slide", crop=(32, 40), stride=(20, 24)),
-                               stub(x).logits)
+    torch.testing.assert_close(se.predict_logits(stub, x, mode="slide", crop=(32, 40), stride=(20, 24)), stub(x).logits)
 
 
 def test_flip_and_multi_scale_average_probabilities():
@@ -262,6 +280,7 @@ def test_confusion_matrix_makes_no_host_reads():
 
 
 # ----------------------------------------------------------------------------- export and checkpoints
+
 
 def test_export_loads_in_transformers_with_the_same_logits(atto, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
@@ -337,10 +356,15 @@ def test_push_to_hub_exports_the_best_segmenter(atto, tmp_path, monkeypatch):
     from fcmae.training.run import Run
     from fcmae.weights import hub
 
-    save_file(atto.state_dict(), str(tmp_path / "best.safetensors"),
-              metadata=sa.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=40.0, step=3))
+    save_file(
+        atto.state_dict(),
+        str(tmp_path / "best.safetensors"),
+        metadata=sa.segmenter_metadata("convnextv2_atto", ["a", "b", "c"], 64, 32, mIoU=40.0, step=3),
+    )
     pushed = []
-    monkeypatch.setattr(hub, "push", lambda folder, repo, private, **kw: pushed.append((folder, repo, private)) or "url")
+    monkeypatch.setattr(
+        hub, "push", lambda folder, repo, private, **kw: pushed.append((folder, repo, private)) or "url"
+    )
     cfg = SimpleNamespace(push_to_hub="me/seg", hub_private=True, dataset_name="me/ade")
     Run.push(SimpleNamespace(cfg=cfg, out=tmp_path, is_main=True, say=print), tmp_path)
     assert pushed == [(tmp_path / "hub", "me/seg", True)]
@@ -349,6 +373,7 @@ def test_push_to_hub_exports_the_best_segmenter(atto, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def _png(arr) -> bytes:
     import io
@@ -380,7 +405,6 @@ def test_train_pipeline_moves_image_and_label_together():
     """Image grey level = 60 x raw class: after resize, crop, flip and pad, every labelled pixel two
     pixels from an edge still has its class's grey level (the label's nearest resize is aligned with the
     image's bilinear one); padding is label 255 with a zero (normalised) image."""
-    rng = np.random.default_rng(0)
     raw = np.zeros((48, 72), np.uint8)
     raw[5:30, 10:40], raw[20:45, 45:70], raw[30:48, 0:20] = 1, 2, 3
     image = np.repeat((raw * 60)[..., None], 3, axis=2).astype(np.uint8)
@@ -475,9 +499,10 @@ def test_parquet_with_named_columns_gives_the_folder_samples(ade, tmp_path):
             assert torch.equal(torch.as_tensor(u), torch.as_tensor(v))
     with pytest.raises(ValueError, match="--label-column"):
         seg.load_split(str(tmp_path / "train-00000.parquet"), "train", label_column="mask")
-    default = datasets.Dataset.from_dict({"image": rows["img"], "annotation": rows["seg"]},
-                                         features=datasets.Features({"image": datasets.Image(),
-                                                                     "annotation": datasets.Image()}))
+    default = datasets.Dataset.from_dict(
+        {"image": rows["img"], "annotation": rows["seg"]},
+        features=datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()}),
+    )
     default.to_parquet(str(tmp_path / "hub.parquet"))
     assert len(seg.load_split(str(tmp_path / "hub.parquet"), "train")) == 6
 
@@ -491,6 +516,7 @@ def test_class_names(tmp_path):
 
 
 # ----------------------------------------------------------------------------- drawing and presets
+
 
 def test_save_prediction_writes_palette_and_overlay(tmp_path):
     image = Image.fromarray(np.full((20, 30, 3), 100, np.uint8))
@@ -514,17 +540,31 @@ def test_segment_config_defaults_are_the_ade20k_recipe_and_errors_name_the_flag(
 
     cfg = parse_args(SegmentConfig, ["--data", "d"])
     cfg.validate()
-    assert (cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type) == \
-        (1e-4, 0.9, 0.999, 0.05, 0.9, "stage")
-    assert (cfg.max_steps, cfg.batch_size, cfg.input_size, cfg.head_channels, cfg.aux_weight, cfg.num_classes) == \
-        (160000, 2, 512, 512, 0.4, 150)
+    assert (cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type) == (
+        1e-4,
+        0.9,
+        0.999,
+        0.05,
+        0.9,
+        "stage",
+    )
+    assert (cfg.max_steps, cfg.batch_size, cfg.input_size, cfg.head_channels, cfg.aux_weight, cfg.num_classes) == (
+        160000,
+        2,
+        512,
+        512,
+        0.4,
+        150,
+    )
     assert (cfg.eval_mode, cfg.eval_every, cfg.mixed_precision) == ("slide", 16000, "bf16")
-    for argv, flag in ((["--model", "convnextv2_atto"], "--data"),
-                       (["--data", "d", "--eval-mode", "ms"], "--eval-mode"),
-                       (["--data", "d", "--num-classes", "300"], "--num-classes"),
-                       (["--data", "d", "--layer-decay-type", "block"], "--layer-decay-type"),
-                       (["--data", "d", "--in-chans", "4", "--mean", "0,0,0,0", "--std", "1,1,1,1"], "--in-chans"),
-                       (["--data", "d", "--eval-only"], "--checkpoint")):
+    for argv, flag in (
+        (["--model", "convnextv2_atto"], "--data"),
+        (["--data", "d", "--eval-mode", "ms"], "--eval-mode"),
+        (["--data", "d", "--num-classes", "300"], "--num-classes"),
+        (["--data", "d", "--layer-decay-type", "block"], "--layer-decay-type"),
+        (["--data", "d", "--in-chans", "4", "--mean", "0,0,0,0", "--std", "1,1,1,1"], "--in-chans"),
+        (["--data", "d", "--eval-only"], "--checkpoint"),
+    ):
         with pytest.raises(ValueError, match=flag):
             parse_args(SegmentConfig, argv).validate()
 
@@ -533,14 +573,37 @@ def test_segment_config_defaults_are_the_ade20k_recipe_and_errors_name_the_flag(
 def test_ade20k_presets(size):
     path = Path(__file__).resolve().parents[1] / "configs" / "segment" / f"convnextv2_{size}_ade20k_512.yaml"
     cfg = yaml.safe_load(path.read_text())
-    assert set(cfg) == {"model", "input_size", "batch_size", "max_steps", "warmup_steps", "lr", "weight_decay",
-                        "layer_decay", "layer_decay_type", "drop_path", "head_channels", "aux_weight",
-                        "mixed_precision", "eval_every", "eval_mode", "num_classes"}
+    assert set(cfg) == {
+        "model",
+        "input_size",
+        "batch_size",
+        "max_steps",
+        "warmup_steps",
+        "lr",
+        "weight_decay",
+        "layer_decay",
+        "layer_decay_type",
+        "drop_path",
+        "head_channels",
+        "aux_weight",
+        "mixed_precision",
+        "eval_every",
+        "eval_mode",
+        "num_classes",
+    }
     assert cfg["model"] in fcmae.list_models() and cfg["num_classes"] == 150
-    assert (cfg["lr"], cfg["weight_decay"], cfg["layer_decay"], cfg["warmup_steps"], cfg["max_steps"]) == \
-        (1e-4, 0.05, 0.9, 1500, 160000)
-    assert all(line.split("#")[1].strip().startswith(("published", "reasoned"))
-               for line in path.read_text().splitlines() if line and not line.startswith(("#", "model:")))
+    assert (cfg["lr"], cfg["weight_decay"], cfg["layer_decay"], cfg["warmup_steps"], cfg["max_steps"]) == (
+        1e-4,
+        0.05,
+        0.9,
+        1500,
+        160000,
+    )
+    assert all(
+        line.split("#")[1].strip().startswith(("published", "reasoned"))
+        for line in path.read_text().splitlines()
+        if line and not line.startswith(("#", "model:"))
+    )
     from fcmae.tasks.segment import SegmentConfig
     from fcmae.training.config import parse_args
 

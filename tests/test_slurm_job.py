@@ -8,6 +8,7 @@ fixture sets cred_expire to FCMAE_TEST_SLURM_CRED_EXPIRE (default 10). The Slurm
 passwordless sudo) to install and start Slurm: without it they fail, unless FCMAE_SKIP_SLURM=1 says
 to skip them.
 """
+
 import json
 import os
 import re
@@ -15,15 +16,37 @@ import subprocess
 import time
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_cli
+from safetensors.torch import load_file
 from test_distributed import PRETRAIN, assert_bitwise_equal, launch
 from test_pretrain import make_images
 
-ARGS = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--decoder-dim", "32",
-        "--num-workers", "0", "--report-to", "none", "--log-every", "1", "--num-recon", "0", "--lr", "1e-3",
-        "--warmup-steps", "2", "--max-steps", "24", "--save-every", "8"]
+ARGS = [
+    "--model",
+    "convnextv2_atto",
+    "--input-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--decoder-dim",
+    "32",
+    "--num-workers",
+    "0",
+    "--report-to",
+    "none",
+    "--log-every",
+    "1",
+    "--num-recon",
+    "0",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "2",
+    "--max-steps",
+    "24",
+    "--save-every",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +56,9 @@ def local_slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-state")
     env = {**os.environ, "FCMAE_SLURM_CRED_EXPIRE": os.environ.get("FCMAE_TEST_SLURM_CRED_EXPIRE", "10")}
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(ROOT / ".ci" / "start_slurm.sh"), str(state)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "start_slurm.sh"), str(state)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f".ci/start_slurm.sh failed:\n{proc.stdout}\n{proc.stderr}"
     conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
     print(f"local Slurm up in {time.monotonic() - t0:.1f} s ({conf})")
@@ -43,8 +67,9 @@ def local_slurm(tmp_path_factory):
 
 
 def job_info(job: str, conf: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
-                         env={**os.environ, "SLURM_CONF": conf}).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", job], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": conf}
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
@@ -54,8 +79,10 @@ def wait(cond, timeout: float, what: str, log):
         if cond():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out ({timeout} s) waiting for {what}\n--- job log ---\n"
-                         + (log.read_text()[-4000:] if log.exists() else "(none)"))
+    raise AssertionError(
+        f"timed out ({timeout} s) waiting for {what}\n--- job log ---\n"
+        + (log.read_text()[-4000:] if log.exists() else "(none)")
+    )
 
 
 def test_requeued_job_resumes_bitwise(local_slurm, tmp_path):
@@ -63,11 +90,50 @@ def test_requeued_job_resumes_bitwise(local_slurm, tmp_path):
     launch(["--multi_gpu"], PRETRAIN, [*ARGS, "--data", images, "--output-dir", tmp_path / "ref"])
     out = tmp_path / "job"
     env = {"SLURM_CONF": local_slurm}
-    dry = run_cli(["-m", "fcmae", "submit", "--nodes", "1", "--processes-per-node", "2", "--cpu", "--dry-run", "--",
-                   "pretrain", *ARGS, "--data", images, "--output-dir", out], env=env).stdout
+    dry = run_cli(
+        [
+            "-m",
+            "fcmae",
+            "submit",
+            "--nodes",
+            "1",
+            "--processes-per-node",
+            "2",
+            "--cpu",
+            "--dry-run",
+            "--",
+            "pretrain",
+            *ARGS,
+            "--data",
+            images,
+            "--output-dir",
+            out,
+        ],
+        env=env,
+    ).stdout
     assert "#SBATCH --requeue" in dry and "--num_processes 2" in dry and not out.exists()
-    sub = run_cli(["-m", "fcmae", "submit", "--nodes", "1", "--processes-per-node", "2", "--cpu", "--job-name",
-                   "requeue", "--", "pretrain", *ARGS, "--data", images, "--output-dir", out], env=env)
+    sub = run_cli(
+        [
+            "-m",
+            "fcmae",
+            "submit",
+            "--nodes",
+            "1",
+            "--processes-per-node",
+            "2",
+            "--cpu",
+            "--job-name",
+            "requeue",
+            "--",
+            "pretrain",
+            *ARGS,
+            "--data",
+            images,
+            "--output-dir",
+            out,
+        ],
+        env=env,
+    )
     job = sub.stdout.strip().splitlines()[0]
     assert job.isdigit(), sub.stdout + sub.stderr
     log = out / "slurm" / f"requeue-{job}.out"
@@ -79,8 +145,12 @@ def test_requeued_job_resumes_bitwise(local_slurm, tmp_path):
 
     wait(lambda: step() >= 10, 300, "step 10", log)
     subprocess.run(["scontrol", "requeue", job], check=True, env={**os.environ, **env})
-    wait(lambda: job_info(job, local_slurm).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 400,
-         "the requeued job to end", log)
+    wait(
+        lambda: job_info(job, local_slurm).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+        400,
+        "the requeued job to end",
+        log,
+    )
     info, text = job_info(job, local_slurm), log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
     assert "start 2 (restarts so far: 1" in text and "resumed from" in text, "appended log of the second start"

@@ -1,5 +1,6 @@
 """fcmae submit's sbatch script, without Slurm: the script is run by bash with stand-ins for srun,
 scontrol and the launcher, simulating a 2-node allocation; what each "node" would launch is recorded."""
+
 import json
 import os
 import signal
@@ -9,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from fcmae.training import slurm
 
-SRUN = r'''#!/bin/bash
+SRUN = r"""#!/bin/bash
 # stand-in srun: runs the task command once per node (SLURM_NODEID 0..SLURM_NNODES-1), forwards USR1/USR2
 echo "srun $*" >> "$STUB_LOG"
 n=$#; cmd=("${@:n-2:3}")   # bash -c CMD
@@ -31,14 +32,14 @@ trap 'on_sig USR1' USR1; trap 'on_sig USR2' USR2
 status=0
 for p in "${pids[@]}"; do wait $p || status=$?; done
 exit $status
-'''
-SCONTROL = r'''#!/bin/bash
+"""
+SCONTROL = r"""#!/bin/bash
 echo "scontrol $*" >> "$STUB_LOG"
 case "$1 $2" in
   "show hostnames") for h in $STUB_HOSTS; do echo $h; done ;;
 esac
-'''
-LAUNCHER = r'''#!/bin/bash
+"""
+LAUNCHER = r"""#!/bin/bash
 # stand-in for accelerate launch: records what it was given, then behaves as STUB_MODE says
 python3 - "$@" <<'PY' >> "$STUB_DIR/launch-$SLURM_NODEID.json"
 import json, os, sys
@@ -49,13 +50,15 @@ print(json.dumps({"argv": sys.argv[1:], "node": os.environ.get("SLURM_NODEID"),
 PY
 case "$STUB_MODE" in
   ok) exit 0 ;;
-  stop) [ "$SLURM_NODEID" = 0 ] && echo '{"step": 7, "signal": "SIGUSR1", "status": 75}' > "$FCMAE_STOP_FILE"; exit 1 ;;
-  stop-term) [ "$SLURM_NODEID" = 0 ] && echo '{"step": 7, "signal": "SIGTERM", "status": 75}' > "$FCMAE_STOP_FILE"; exit 1 ;;
+  stop) [ "$SLURM_NODEID" = 0 ] && echo '{"step": 7, "signal": "SIGUSR1", "status": 75}' > "$FCMAE_STOP_FILE"
+    exit 1 ;;
+  stop-term) [ "$SLURM_NODEID" = 0 ] && echo '{"step": 7, "signal": "SIGTERM", "status": 75}' > "$FCMAE_STOP_FILE"
+    exit 1 ;;
   fail) exit 1 ;;
   fail-progress) mkdir -p "$STUB_OUT/checkpoints/step_00000009"; exit 1 ;;
   wait) sleep 30; exit 0 ;;
 esac
-'''
+"""
 
 
 def _exe(path: Path, text: str) -> Path:
@@ -76,8 +79,15 @@ def stubs(tmp_path):
 
 def _opts(tmp_path, launcher, **kw):
     out = tmp_path / "run"
-    base = dict(task="pretrain", task_args=["--data", "/data/x y", "--output-dir", str(out), "--epochs", "3"],
-                nodes=2, processes_per_node=2, cpu=True, launcher=[str(launcher)], workdir=str(tmp_path))
+    base = dict(
+        task="pretrain",
+        task_args=["--data", "/data/x y", "--output-dir", str(out), "--epochs", "3"],
+        nodes=2,
+        processes_per_node=2,
+        cpu=True,
+        launcher=[str(launcher)],
+        workdir=str(tmp_path),
+    )
     base.update(kw)
     return slurm.SubmitOptions(**base)
 
@@ -85,17 +95,27 @@ def _opts(tmp_path, launcher, **kw):
 def _run(script: str, tmp_path, bin_, mode="ok", restarts=None, background=False, nodes=2):
     path = tmp_path / "job.sbatch"
     path.write_text(script)
-    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_JOB_ID": "12345",
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": str(nodes), "SLURM_CPUS_PER_TASK": "8",
-           "STUB_LOG": str(tmp_path / "stub.log"), "STUB_DIR": str(tmp_path), "STUB_MODE": mode,
-           "STUB_HOSTS": "node-a node-b", "STUB_OUT": str(tmp_path / "run")}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "12345",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_CPUS_PER_TASK": "8",
+        "STUB_LOG": str(tmp_path / "stub.log"),
+        "STUB_DIR": str(tmp_path),
+        "STUB_MODE": mode,
+        "STUB_HOSTS": "node-a node-b",
+        "STUB_OUT": str(tmp_path / "run"),
+    }
     env.pop("FCMAE_MAIN_PORT", None)
     if restarts is not None:
         env["SLURM_RESTART_COUNT"] = str(restarts)
     (tmp_path / "run").mkdir(exist_ok=True)
     if background:
-        return subprocess.Popen(["bash", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(
+            ["bash", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     return subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -113,8 +133,16 @@ def test_two_node_cpu_script_launches_one_accelerate_per_node(stubs):
     opts = _opts(tmp_path, launcher)
     script = slurm.build_script(opts)
     flags = {line.split()[1] for line in script.splitlines() if line.startswith("#SBATCH")}
-    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--open-mode=append", "--requeue",
-            f"--output={tmp_path}/run/slurm/%x-%j.out", "--signal=B:USR1@180", f"--chdir={tmp_path}"} <= flags
+    assert {
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--open-mode=append",
+        "--requeue",
+        f"--output={tmp_path}/run/slurm/%x-%j.out",
+        "--signal=B:USR1@180",
+        f"--chdir={tmp_path}",
+    } <= flags
     assert not any(f.startswith("--gpus") for f in flags)
     proc = _run(script, tmp_path, bin_)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -123,10 +151,32 @@ def test_two_node_cpu_script_launches_one_accelerate_per_node(stubs):
     port = str(15000 + 12345 % 15000)
     for rank, rec in launches.items():
         a = rec["argv"]
-        assert a[:13] == ["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "node-a",
-                          "--main_process_port", port, "--num_processes", "4", "--multi_gpu", "-m", "fcmae"]
-        assert a[13:] == ["pretrain", "--data", "/data/x y", "--output-dir", str(tmp_path / "run"), "--epochs", "3",
-                          "--resume", "auto"]
+        assert a[:13] == [
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "node-a",
+            "--main_process_port",
+            port,
+            "--num_processes",
+            "4",
+            "--multi_gpu",
+            "-m",
+            "fcmae",
+        ]
+        assert a[13:] == [
+            "pretrain",
+            "--data",
+            "/data/x y",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--epochs",
+            "3",
+            "--resume",
+            "auto",
+        ]
         assert rec["cpu"] == "true"
         assert rec["usr1_ignored"] and rec["usr2_ignored"], "the launcher must not die of USR1/USR2"
         assert rec["stop_file"] == f"{tmp_path}/run/slurm/stop-12345-0.json"
@@ -138,12 +188,34 @@ def test_two_node_cpu_script_launches_one_accelerate_per_node(stubs):
 
 def test_gpu_script(stubs):
     tmp_path, bin_, launcher = stubs
-    opts = _opts(tmp_path, launcher, cpu=False, processes_per_node=None, gpus_per_node=4, partition="gpu",
-                 account="proj", qos="high", time=600, mem="200G", constraint="h100", job_name="atto",
-                 main_process_port=29500, accelerate_args=["--mixed_precision", "bf16"])
+    opts = _opts(
+        tmp_path,
+        launcher,
+        cpu=False,
+        processes_per_node=None,
+        gpus_per_node=4,
+        partition="gpu",
+        account="proj",
+        qos="high",
+        time=600,
+        mem="200G",
+        constraint="h100",
+        job_name="atto",
+        main_process_port=29500,
+        accelerate_args=["--mixed_precision", "bf16"],
+    )
     script = slurm.build_script(opts)
-    for flag in ("--gpus-per-node=4", "--partition=gpu", "--account=proj", "--qos=high", "--time=600",
-                 "--mem=200G", "--constraint=h100", "--job-name=atto", f"--output={tmp_path}/run/slurm/%x-%j.out"):
+    for flag in (
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--time=600",
+        "--mem=200G",
+        "--constraint=h100",
+        "--job-name=atto",
+        f"--output={tmp_path}/run/slurm/%x-%j.out",
+    ):
         assert f"#SBATCH {flag}" in script
     assert "--cpus-per-task" not in script.split("set -u")[0]
     assert "ACCELERATE_USE_CPU" not in script
@@ -167,14 +239,17 @@ def test_single_process_has_no_multi_gpu(stubs):
     assert "--multi_gpu" not in rec["argv"] and rec["argv"][rec["argv"].index("--num_processes") + 1] == "1"
 
 
-@pytest.mark.parametrize("mode,restarts,requeued,why", [
-    ("ok", None, False, ""),
-    ("stop", None, True, "stopped on SIGUSR"),             # the training stopped on USR1 sent to the step
-    ("stop", 3, False, "NOT requeued"),                    # cap: SLURM_RESTART_COUNT 3 >= --max-requeues 3
-    ("stop-term", None, False, ""),                         # SIGTERM: Slurm's business
-    ("fail", None, False, "no new checkpoint"),            # a failure without progress: no crash loop
-    ("fail-progress", 1, True, "after writing a new checkpoint"),
-])
+@pytest.mark.parametrize(
+    "mode,restarts,requeued,why",
+    [
+        ("ok", None, False, ""),
+        ("stop", None, True, "stopped on SIGUSR"),  # the training stopped on USR1 sent to the step
+        ("stop", 3, False, "NOT requeued"),  # cap: SLURM_RESTART_COUNT 3 >= --max-requeues 3
+        ("stop-term", None, False, ""),  # SIGTERM: Slurm's business
+        ("fail", None, False, "no new checkpoint"),  # a failure without progress: no crash loop
+        ("fail-progress", 1, True, "after writing a new checkpoint"),
+    ],
+)
 def test_requeue_decision(stubs, mode, restarts, requeued, why):
     tmp_path, bin_, launcher = stubs
     opts = _opts(tmp_path, launcher, max_requeues=3)
@@ -228,16 +303,35 @@ def test_options_checked():
         slurm.SubmitOptions(task="train", task_args=["--output-dir", "o"])
     o = slurm.SubmitOptions(**base, gpus_per_node=4, nodes=3)
     assert (o.processes_per_node, o.num_processes) == (4, 12)
-    o = slurm.SubmitOptions(task="finetune", task_args=["--output-dir=o", "--resume=auto"], cpu=True,
-                            processes_per_node=3)
+    o = slurm.SubmitOptions(
+        task="finetune", task_args=["--output-dir=o", "--resume=auto"], cpu=True, processes_per_node=3
+    )
     assert o.output_dir == "o" and o.cpus_per_task == 3
     words = slurm.launch_args(o)
     assert words[-1] == "--resume=auto" and "auto" not in words[:-1]  # not added twice
 
 
 def test_cli_dry_run_prints_the_script(capsys, tmp_path):
-    slurm.main(["--nodes", "2", "--processes-per-node", "2", "--cpu", "--time", "30", "--max-requeues", "5",
-                "--dry-run", "--", "segment", "--data", "d", "--output-dir", str(tmp_path / "o")])
+    slurm.main(
+        [
+            "--nodes",
+            "2",
+            "--processes-per-node",
+            "2",
+            "--cpu",
+            "--time",
+            "30",
+            "--max-requeues",
+            "5",
+            "--dry-run",
+            "--",
+            "segment",
+            "--data",
+            "d",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     out = capsys.readouterr().out
     assert out.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in out and "MAX_REQUEUES=5" in out
     assert "-m fcmae segment --data d --output-dir" in out and out.rstrip().endswith('exit "$STATUS"')
@@ -250,9 +344,12 @@ def test_default_num_workers():
     outside: 4, or the machine's CPUs when fewer."""
     from fcmae.data import resolve_workers
 
-    for slurm_env, expected in (({}, min(4, os.cpu_count())), ({"SLURM_CPUS_PER_TASK": "32", "LOCAL_WORLD_SIZE": "4"}, 7),
-                                ({"SLURM_CPUS_PER_TASK": "2", "LOCAL_WORLD_SIZE": "2"}, 1),
-                                ({"SLURM_CPUS_PER_TASK": "10"}, 9)):
+    for slurm_env, expected in (
+        ({}, min(4, os.cpu_count())),
+        ({"SLURM_CPUS_PER_TASK": "32", "LOCAL_WORLD_SIZE": "4"}, 7),
+        ({"SLURM_CPUS_PER_TASK": "2", "LOCAL_WORLD_SIZE": "2"}, 1),
+        ({"SLURM_CPUS_PER_TASK": "10"}, 9),
+    ):
         with pytest.MonkeyPatch.context() as m:
             for k in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
                 m.delenv(k, raising=False)
@@ -277,8 +374,16 @@ def test_templates_run(stubs, name, nodes, procs):
     tmp_path, bin_, launcher = stubs
     (bin_ / "accelerate").symlink_to(launcher)
     text = (ROOT / "configs" / "slurm" / name).read_text()
-    for needle in ("--open-mode=append", "--requeue", "--signal=B:USR1@", "SLURM_RESTART_COUNT", "scontrol requeue",
-                   "trap '' USR1 USR2", "--resume auto", "scontrol show hostnames"):
+    for needle in (
+        "--open-mode=append",
+        "--requeue",
+        "--signal=B:USR1@",
+        "SLURM_RESTART_COUNT",
+        "scontrol requeue",
+        "trap '' USR1 USR2",
+        "--resume auto",
+        "scontrol show hostnames",
+    ):
         assert needle in text, needle
     text = text.replace("/path/to/run", str(tmp_path / "run")).replace("/path/to/data", "'/data/x y'")
     proc = _run(text, tmp_path, bin_, mode="stop", nodes=nodes)
@@ -292,5 +397,5 @@ def test_templates_run(stubs, name, nodes, procs):
         assert a[a.index("--main_process_port") + 1] == str(15000 + 12345 % 15000)
         assert a[a.index("--num_processes") + 1] == str(procs) and "--multi_gpu" in a
         i = a.index("-m")
-        assert a[i + 1] == "fcmae" and a[i + 3:i + 5] == ["--data", "/data/x y"] and a[-2:] == ["--resume", "auto"]
+        assert a[i + 1] == "fcmae" and a[i + 3 : i + 5] == ["--data", "/data/x y"] and a[-2:] == ["--resume", "auto"]
     assert "scontrol requeue 12345" in _stub_log(tmp_path), proc.stdout  # stopped on SIGUSR1: requeued

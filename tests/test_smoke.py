@@ -9,6 +9,7 @@ the bad-image counts are (corrupt files) x (epochs) whatever the order. The resu
 is compared bit for bit with an uninterrupted one. RandAugment's posterize levels are recorded, as
 drawn, by a spy on timm's level table (loaded through sitecustomize, so it reaches the workers).
 """
+
 import json
 import math
 import os
@@ -20,21 +21,32 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, run_cli
 from PIL import Image, features
 from safetensors.torch import load_file
-
-from conftest import ROOT, run_cli
 
 PRETRAIN, FINETUNE = ROOT / "fcmae" / "pretrain.py", ROOT / "finetune" / "run.py"
 CLASSES = ["c0", "c1", "c2", "c3"]
 N_TRAIN, N_VAL = 60, 15  # per class, corrupt files included
 SIZES = [(8, 8), (300, 40), (64, 64), (200, 150)]  # (width, height)
-KINDS = [("RGB", "png"), ("RGB", "jpg"), ("RGB", "bmp"), ("L", "png"), ("L", "jpg"), ("L", "bmp"),
-         ("RGBA", "png"), ("P", "png"), ("CMYK", "jpg"), ("I;16", "png")]
+KINDS = [
+    ("RGB", "png"),
+    ("RGB", "jpg"),
+    ("RGB", "bmp"),
+    ("L", "png"),
+    ("L", "jpg"),
+    ("L", "bmp"),
+    ("RGBA", "png"),
+    ("P", "png"),
+    ("CMYK", "jpg"),
+    ("I;16", "png"),
+]
 KINDS += [("RGB", "webp"), ("RGBA", "webp")] if features.check("webp") else []
 # ~1 %: three corrupt training files (one per kind of damage) and one corrupt validation file
-CORRUPT = {"train": {"c0": "truncated.jpg", "c1": "random_bytes.png", "c2": "empty.jpg"},
-           "val": {"c3": "random_bytes.webp"}}
+CORRUPT = {
+    "train": {"c0": "truncated.jpg", "c1": "random_bytes.png", "c2": "empty.jpg"},
+    "val": {"c3": "random_bytes.webp"},
+}
 BATCH, PRETRAIN_EPOCHS = 8, 2  # 240 / 8 = 30 steps per epoch: 60 steps are exactly 2 epochs
 FT_BATCH, FT_EPOCHS = 16, 3  # 240 / 16 = 15 steps per epoch
 
@@ -109,7 +121,7 @@ def decodes(path: Path) -> bool:
         return False
 
 
-SPY = '''
+SPY = """
 import os
 from timm.data import auto_augment as aa
 _level, _calls = aa.LEVEL_TO_ARG["PosterizeIncreasing"], [0]
@@ -121,7 +133,7 @@ def _spy(level, hparams):  # records the bits kept that RandAugment asks posteri
     os.close(fd)
     return bits
 aa.LEVEL_TO_ARG["PosterizeIncreasing"] = _spy
-'''
+"""
 
 
 def rows(out: Path) -> list[dict]:
@@ -147,10 +159,34 @@ def test_pretrain_kill_resume_then_finetune(tmp_path):
     assert n_train % BATCH == 0 and n_train % FT_BATCH == 0  # full batches: each image once per epoch
     steps = PRETRAIN_EPOCHS * n_train // BATCH
 
-    args = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", BATCH, "--decoder-dim", "32",
-            "--num-workers", "2", "--report-to", "none", "--lr", "1.5e-3", "--warmup-steps", "10",
-            "--max-steps", steps, "--save-every", "10", "--log-every", "4", "--max-bad-fraction", "0.05",
-            "--data", tmp_path / "data" / "train"]
+    args = [
+        "--model",
+        "convnextv2_atto",
+        "--input-size",
+        "64",
+        "--batch-size",
+        BATCH,
+        "--decoder-dim",
+        "32",
+        "--num-workers",
+        "2",
+        "--report-to",
+        "none",
+        "--lr",
+        "1.5e-3",
+        "--warmup-steps",
+        "10",
+        "--max-steps",
+        steps,
+        "--save-every",
+        "10",
+        "--log-every",
+        "4",
+        "--max-bad-fraction",
+        "0.05",
+        "--data",
+        tmp_path / "data" / "train",
+    ]
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     proc = run_cli([PRETRAIN, *args, "--output-dir", ref])
     for name in facts["train"]["names"]:  # the workers' warnings name every bad file
@@ -179,12 +215,43 @@ def test_pretrain_kill_resume_then_finetune(tmp_path):
     (tmp_path / "spy").mkdir()
     (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)
     ft, bits_log = tmp_path / "ft", tmp_path / "posterize.txt"
-    proc = run_cli([FINETUNE, "--from-fcmae", resumed, "--data", tmp_path / "data", "--input-size", "64",
-                    "--batch-size", FT_BATCH, "--epochs", FT_EPOCHS, "--warmup-epochs", "1", "--num-workers", "2",
-                    "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
-                    "--drop-path", "0.1", "--model-ema", "--max-bad-fraction", "0.05", "--report-to", "none",
-                    "--output-dir", ft],
-                   env={"PYTHONPATH": str(tmp_path / "spy"), "POSTERIZE_LOG": str(bits_log)})
+    proc = run_cli(
+        [
+            FINETUNE,
+            "--from-fcmae",
+            resumed,
+            "--data",
+            tmp_path / "data",
+            "--input-size",
+            "64",
+            "--batch-size",
+            FT_BATCH,
+            "--epochs",
+            FT_EPOCHS,
+            "--warmup-epochs",
+            "1",
+            "--num-workers",
+            "2",
+            "--aa",
+            "rand-m9-mstd0.5-inc1",
+            "--reprob",
+            "0.25",
+            "--mixup",
+            "0.8",
+            "--cutmix",
+            "1.0",
+            "--drop-path",
+            "0.1",
+            "--model-ema",
+            "--max-bad-fraction",
+            "0.05",
+            "--report-to",
+            "none",
+            "--output-dir",
+            ft,
+        ],
+        env={"PYTHONPATH": str(tmp_path / "spy"), "POSTERIZE_LOG": str(bits_log)},
+    )
     for name in facts["train"]["names"] + facts["val"]["names"]:
         assert name in proc.stderr, name
     log = rows(ft)

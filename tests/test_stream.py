@@ -4,6 +4,7 @@ resume, fewer shards than readers, corrupt shards and records, retries, fsspec U
 
 Ranks are simulated in this process (a loader per rank, each with real DataLoader worker processes);
 reads are counted by fcmae.data.shards' counting wrapper (FCMAE_COUNT_READS), workers included."""
+
 import json
 import os
 import shutil
@@ -12,20 +13,20 @@ import warnings
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import fsspec  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from accelerate import skip_first_batches  # noqa: E402
-from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
+import fsspec
+import numpy as np
+import pytest
+import torch
+from accelerate import skip_first_batches
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
-from fcmae.data import DataConfig, TooManyBadFiles, build_pretrain_loader, by_input, recon_images  # noqa: E402
-from fcmae.data import shards as shards_module  # noqa: E402
-from fcmae.data.pack import pack  # noqa: E402
-from fcmae.data.shards import READS_ENV, discover, read_counts  # noqa: E402
-from fcmae.data.stream import build_stream_loader, plan, read_bytes, readers_of  # noqa: E402
+from fcmae.data import DataConfig, TooManyBadFiles, build_pretrain_loader, by_input, recon_images
+from fcmae.data import shards as shards_module
+from fcmae.data.pack import pack
+from fcmae.data.shards import READS_ENV, discover, read_counts
+from fcmae.data.stream import build_stream_loader, plan, read_bytes, readers_of
 
 N = 256  # images; 32 px noise PNGs of ~3 KB whose first pixel holds the image's number
 AUGMENT = by_input("pretrain", 32)
@@ -59,9 +60,23 @@ def packed(tmp_path_factory):
 
 def loaders(out, world=1, workers=0, global_batch=16, partitions=4, window=8, transform=identity, seed=0, **kw):
     shards = discover(str(out))
-    return [build_stream_loader(shards, transform, global_batch // world, workers, seed, rank=r, world_size=world,
-                                input_size=32, partitions=partitions, window=window, with_index=True, **kw)
-            for r in range(world)]
+    return [
+        build_stream_loader(
+            shards,
+            transform,
+            global_batch // world,
+            workers,
+            seed,
+            rank=r,
+            world_size=world,
+            input_size=32,
+            partitions=partitions,
+            window=window,
+            with_index=True,
+            **kw,
+        )
+        for r in range(world)
+    ]
 
 
 def global_steps(ranks, start=None, state=None, steps=None):
@@ -71,10 +86,13 @@ def global_steps(ranks, start=None, state=None, steps=None):
             loader.load_state_dict(state)
         elif start is not None:
             loader.start_at(*start)
-    per_rank = [[(x.clone(), i.clone()) for _, (x, _, i) in zip(range(steps or len(loader)), loader)]
-                for loader in ranks]
-    return [(torch.cat([r[k][0] for r in per_rank]), torch.cat([r[k][1] for r in per_rank]))
-            for k in range(len(per_rank[0]))]
+    per_rank = [
+        [(x.clone(), i.clone()) for _, (x, _, i) in zip(range(steps or len(loader)), loader)] for loader in ranks
+    ]
+    return [
+        (torch.cat([r[k][0] for r in per_rank]), torch.cat([r[k][1] for r in per_rank]))
+        for k in range(len(per_rank[0]))
+    ]
 
 
 def same(a, b):
@@ -87,6 +105,7 @@ def shard_sizes(out):
 
 
 # ----------------------------------------------------------------------------- the plan
+
 
 def test_plan_is_a_pure_function_that_partitions_the_epoch():
     rows = [37, 37, 37, 5, 37, 40, 34]
@@ -105,6 +124,7 @@ def test_plan_is_a_pure_function_that_partitions_the_epoch():
 
 # ----------------------------------------------------------------------------- order
 
+
 def test_order_and_augmentation_depend_on_neither_workers_nor_processes(packed):
     reference = global_steps(loaders(packed, transform=AUGMENT), steps=3)  # augmented: bitwise equal images
     assert torch.equal(torch.cat([i for _, i in reference]), torch.arange(3 * 16))
@@ -116,6 +136,7 @@ def test_order_and_augmentation_depend_on_neither_workers_nor_processes(packed):
 
 
 # ----------------------------------------------------------------------------- read once
+
 
 def test_two_processes_two_workers_read_each_shard_once(packed, tmp_path, monkeypatch):
     counts = tmp_path / "reads"
@@ -136,10 +157,12 @@ def test_two_processes_two_workers_read_each_shard_once(packed, tmp_path, monkey
 
 # ----------------------------------------------------------------------------- resume
 
+
 def test_resume_reads_the_rest_and_repeats_the_run_bitwise(packed, tmp_path, monkeypatch):
     """A demo loop of 2 simulated processes x 2 workers: SGD on a linear model over the global batch.
     Interrupted at 75 % of the epoch and resumed from the checkpointed stream position, it ends with
     bitwise the weights of the uninterrupted run, and reads the last quarter plus at most a block."""
+
     def train(weights, batches, steps):
         for _, (x, _) in zip(range(steps), batches):
             loss = (x.flatten(1) @ weights).square().mean()
@@ -208,6 +231,7 @@ def test_elastic_resume_keeps_the_partitions_or_refuses(packed):
 
 # ----------------------------------------------------------------------------- fewer shards, bad data
 
+
 def test_fewer_shards_than_readers_warns_with_the_amplification(packed, tmp_path):
     src = tmp_path / "few"
     src.mkdir()
@@ -216,7 +240,9 @@ def test_fewer_shards_than_readers_warns_with_the_amplification(packed, tmp_path
     out = tmp_path / "out"
     pack(str(src), str(out), shard_size="150KB", workers=1, row_group_size="12KB", log=lambda *_: None)
     assert len(discover(str(out)).shards) == 2
-    with pytest.warns(UserWarning, match=r"2 shard\(s\) for 4 readers .*up to \d readers.*amplification about \d\.\d\dx"):
+    with pytest.warns(
+        UserWarning, match=r"2 shard\(s\) for 4 readers .*up to \d readers.*amplification about \d\.\d\dx"
+    ):
         ranks = loaders(out, 2, 2)
     assert sorted(torch.cat([i for _, i in global_steps(ranks)]).tolist()) == list(range(64))
 
@@ -261,7 +287,7 @@ class Flaky(MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         n = Flaky.opens[path] = Flaky.opens.get(path, 0) + 1
-        if "r" in mode and path.endswith(".parquet") and (n <= Flaky.fail or Flaky.dead and Flaky.dead in path):
+        if "r" in mode and path.endswith(".parquet") and (n <= Flaky.fail or (Flaky.dead and Flaky.dead in path)):
             raise ConnectionError(f"simulated network failure #{n} on {path}")
         return super()._open(path, mode, **kwargs)
 
@@ -279,8 +305,11 @@ def test_shards_at_fsspec_urls_with_retries(packed):
     assert same(global_steps(loaders("flaky://ds", 1, 0), steps=4), reference)
     assert max(Flaky.opens.values()) >= 3
     Flaky.fail, Flaky.dead, Flaky.opens = 0, "shard-00003", {}  # never opens: named, and all its rows are bad
-    with pytest.warns(UserWarning, match=r"Shard flaky:///?ds/train/shard-00003\.parquet could not be read.*after 4 "
-                                         "tries"):
+    with pytest.warns(
+        UserWarning,
+        match=r"Shard flaky:///?ds/train/shard-00003\.parquet could not be read.*after 4 "
+        "tries",
+    ):
         ranks = loaders("flaky://ds", 1, 0, max_bad_fraction=1.0)
         oks = torch.cat([ok for _, ok, _ in ranks[0]])
     assert Flaky.opens["/ds/train/shard-00003.parquet"] == 4 and 0 < int((~oks).sum()) <= 37

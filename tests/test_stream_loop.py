@@ -2,26 +2,51 @@
 mid-epoch and resumed from the checkpoint's stream position, it repeats the uninterrupted run bit for
 bit; resumed on 1 process with the same global batch it goes on (the same samples at every step, other
 masks), and a changed --stream-window is refused in one line."""
+
 import json
 import shutil
 import subprocess
 import sys
 
 import pytest
-import yaml
-
 from conftest import CLI_ENV as ENV
 from conftest import ROOT
-from fcmae.data.pack import pack
 from test_pretrain import SCRIPT, TINY, assert_bitwise_equal, free_port, make_images, weights
+
+from fcmae.data.pack import pack
 
 
 def launch(args, processes=2, env=None):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), SCRIPT, *args] if processes > 1 else [sys.executable, SCRIPT, *args]
-    return subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true", **(env or {})}, capture_output=True,
-                          text=True, timeout=900, cwd=ROOT)
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            SCRIPT,
+            *args,
+        ]
+        if processes > 1
+        else [sys.executable, SCRIPT, *args]
+    )
+    return subprocess.run(
+        cmd,
+        env={**ENV, "ACCELERATE_USE_CPU": "true", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +58,20 @@ def shards(tmp_path_factory):
 
 
 def test_streaming_resume_two_processes_bitwise_and_elastic(shards, tmp_path):
-    base = [*TINY, "--data", str(shards), "--streaming", "--stream-window", "8", "--max-steps", "8",
-            "--save-every", "4", "--num-recon", "0"]
+    base = [
+        *TINY,
+        "--data",
+        str(shards),
+        "--streaming",
+        "--stream-window",
+        "8",
+        "--max-steps",
+        "8",
+        "--save-every",
+        "4",
+        "--num-recon",
+        "0",
+    ]
     ref = launch([*base, "--output-dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-3000:]
     crashed = launch([*base, "--output-dir", str(tmp_path / "run")], env={"FCMAE_FAULT": "step:6"})
@@ -56,6 +93,5 @@ def test_streaming_resume_two_processes_bitwise_and_elastic(shards, tmp_path):
     # draws them from (seed, step, rank), and rank 0 of 1 holds the images ranks 0 and 1 of 2 held
     assert "resumed from" in elastic.stdout + elastic.stderr
 
-    refused = launch([*one, "--output-dir", str(elastic_dir), "--resume", "auto", "--stream-window", "16"],
-                     processes=1)
+    refused = launch([*one, "--output-dir", str(elastic_dir), "--resume", "auto", "--stream-window", "16"], processes=1)
     assert refused.returncode == 2 and "--stream-window" in refused.stderr.strip().splitlines()[-1]

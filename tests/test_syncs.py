@@ -7,6 +7,7 @@ depends on data) makes the host wait for the GPU. Two independent checks, both r
   the same number of value reads from fcmae's per-step code: none of them scales with steps.
 tests/test_gpu.py repeats the model check on a GPU with CUDA's sync debug mode.
 """
+
 import sys
 from pathlib import Path
 
@@ -27,8 +28,13 @@ def meta_fcmae(backend: str, **kw) -> FCMAE:
 def test_meta_device_rejects_host_reads():
     """The instrument works: each kind of host read raises on meta tensors."""
     x = torch.empty(4, device="meta")
-    for read in (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x.nonzero(), lambda: x[x > 0],
-                 lambda: x.tolist()):
+    for read in (
+        lambda: x.sum().item(),
+        lambda: bool(x.sum() > 0),
+        lambda: x.nonzero(),
+        lambda: x[x > 0],
+        lambda: x.tolist(),
+    ):
         with pytest.raises((RuntimeError, NotImplementedError)):
             read()
 
@@ -72,8 +78,12 @@ def test_training_step_compiles_without_graph_breaks(backend):
     assert torch.isfinite(loss) and not torch.equal(before["encoder.stem.0.weight"], model.encoder.stem[0].weight)
 
 
-PER_STEP_CODE = [*PKG.glob("tasks/pretrain/*.py"), *PKG.glob("training/*.py"), *PKG.glob("sparse/*.py"),
-                 *PKG.glob("models/*.py")]
+PER_STEP_CODE = [
+    *PKG.glob("tasks/pretrain/*.py"),
+    *PKG.glob("training/*.py"),
+    *PKG.glob("sparse/*.py"),
+    *PKG.glob("models/*.py"),
+]
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 
 
@@ -92,6 +102,7 @@ def count_reads(monkeypatch, argv) -> int:
             if caller in files:
                 calls.append((name, caller, sys._getframe(1).f_lineno))
             return orig(self, *a, **k)
+
         return read
 
     with monkeypatch.context() as m:
@@ -113,10 +124,34 @@ def test_pretrain_loop_reads_values_only_when_logging_and_saving(tmp_path, monke
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     def argv(steps):  # one log, one checkpoint and one reconstruction, all at the last step
-        return ["--data", str(data), "--input-size", "64", "--batch-size", "2", "--decoder-dim", "16",
-                "--num-workers", "0", "--report-to", "none", "--max-steps", str(steps), "--log-every", "1000",
-                "--save-every", "1000", "--num-recon", "1", "--warmup-steps", "1", "--grad-accum", "2",
-                "--output-dir", str(tmp_path / f"run{steps}")]
+        return [
+            "--data",
+            str(data),
+            "--input-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--decoder-dim",
+            "16",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--max-steps",
+            str(steps),
+            "--log-every",
+            "1000",
+            "--save-every",
+            "1000",
+            "--num-recon",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--grad-accum",
+            "2",
+            "--output-dir",
+            str(tmp_path / f"run{steps}"),
+        ]
 
     short, long = count_reads(monkeypatch, argv(2)), count_reads(monkeypatch, argv(6))
     assert short > 0  # the end-of-run log and health check do read values: the counter sees them

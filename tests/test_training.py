@@ -1,4 +1,5 @@
 """The training core's small pieces against hand-derived values."""
+
 import math
 
 import pytest
@@ -18,17 +19,23 @@ def test_schedules_by_hand():
     assert lr_at(35, 110, 10, 2.0, kind="poly") == pytest.approx(1.5)
     assert lr_at(110, 110, 10, 2.0, kind="poly") == 0.0
     # step: x0.1 at each milestone (Mask R-CNN 3x: epochs 27 and 33 of 36)
-    assert [lr_at(s, 360, 10, 1.0, kind="step", milestones=(270, 330)) for s in (100, 270, 329, 330)] == \
-        pytest.approx([1.0, 0.1, 0.1, 0.01])
+    assert [lr_at(s, 360, 10, 1.0, kind="step", milestones=(270, 330)) for s in (100, 270, 329, 330)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01]
+    )
 
 
 def test_list_fields_and_channel_checks():
     cfg = parse_args(RunConfig, ["--in-chans", "4", "--mean", "0.1, 0.2,0.3,0.4", "--std", "1,2,3,4"])
     assert cfg.mean == [0.1, 0.2, 0.3, 0.4] and cfg.std == [1.0, 2.0, 3.0, 4.0]
     cfg.validate()
-    for values, message in ((dict(in_chans=4), "needs --mean"), (dict(in_chans=2, mean=[0.1], std=[1, 1]), "1 values"),
-                            (dict(std=[1, 0, 1]), "positive"), (dict(channel_axis="middle"), "last or first"),
-                            (dict(input_size=100), "multiple of 32"), (dict(model="convnextv2_ato"), "Did you mean")):
+    for values, message in (
+        (dict(in_chans=4), "needs --mean"),
+        (dict(in_chans=2, mean=[0.1], std=[1, 1]), "1 values"),
+        (dict(std=[1, 0, 1]), "positive"),
+        (dict(channel_axis="middle"), "last or first"),
+        (dict(input_size=100), "multiple of 32"),
+        (dict(model="convnextv2_ato"), "Did you mean"),
+    ):
         with pytest.raises(ValueError, match=message):
             build(RunConfig, values).validate()
 
@@ -78,6 +85,7 @@ def test_resolved_schedule_by_hand():
     s = resolve_schedule(build(DetectConfig, dict(max_steps=360)), 100, 8)
     assert (s.total, s.warmup, s.milestones) == (360, 36, (270, 330))
     # blr scaling: lr = blr x effective batch / 256, and accumulation divides the steps
-    s = resolve_schedule(build(RunConfig, dict(lr=None, blr=1e-3, batch_size=32, grad_accum=2, epochs=2,
-                                               warmup_epochs=0.5)), 10, 4)
+    s = resolve_schedule(
+        build(RunConfig, dict(lr=None, blr=1e-3, batch_size=32, grad_accum=2, epochs=2, warmup_epochs=0.5)), 10, 4
+    )
     assert (s.total, s.warmup, s.eff_batch) == (10, 2, 256) and s.lr == pytest.approx(1e-3)

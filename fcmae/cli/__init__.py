@@ -12,6 +12,7 @@
 
 Several processes: ``accelerate launch -m fcmae pretrain ...`` (any Accelerate launch).
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,9 +37,11 @@ COMMANDS = {  # name -> (module, function, one line for --help)
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
-    return ("usage: fcmae [--version] [--help] COMMAND [ARGS]\n\nFCMAE pretraining of ConvNeXt V2, fine-tuning and "
-            "publishing.\n\ncommands:\n" + "\n".join(lines) + "\n\n`fcmae COMMAND --help` describes each; "
-            "several processes: accelerate launch -m fcmae COMMAND ...\n")
+    return (
+        "usage: fcmae [--version] [--help] COMMAND [ARGS]\n\nFCMAE pretraining of ConvNeXt V2, fine-tuning and "
+        "publishing.\n\ncommands:\n" + "\n".join(lines) + "\n\n`fcmae COMMAND --help` describes each; "
+        "several processes: accelerate launch -m fcmae COMMAND ...\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """``fcmae data stats | pack | verify``: per-channel statistics, a folder packed into shards, a packed
 folder checked against its manifest (fcmae.data.__main__)."""
+
 from __future__ import annotations
 
 

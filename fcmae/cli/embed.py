@@ -9,6 +9,7 @@ normalisation). FILE.parquet holds one row per readable image: ``path`` (or ``#i
 without a path) and ``embedding`` (float32, fixed size). Unreadable files are named on stderr and
 skipped; the command then exits 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,9 @@ def embed(args) -> int:
     module.to(device)
     values, names = items_of(args.data, args.split, args.image_column)
     items = Items(values, names, transform, Reader(info["in_chans"], info["channel_axis"]), info["input_size"])
-    loader = torch.utils.data.DataLoader(items, batch_size=args.batch_size, num_workers=resolve_workers(args.num_workers))
+    loader = torch.utils.data.DataLoader(
+        items, batch_size=args.batch_size, num_workers=resolve_workers(args.num_workers)
+    )
     rows, failed = [], []
     for images, ok, index, errors in loader:
         feats = module(images.to(device)).float().cpu()
@@ -73,8 +76,9 @@ def embed(args) -> int:
             (rows.append((names[i], f.numpy())) if good else failed.append((names[i], error)))
     dim = int(info["dim"])
     flat = pa.array([v for _, f in rows for v in f.tolist()], pa.float32())
-    table = pa.table({"path": pa.array([n for n, _ in rows], pa.string()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+    table = pa.table(
+        {"path": pa.array([n for n, _ in rows], pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -85,10 +89,13 @@ def embed(args) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "fcmae embed") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data", help="a folder of images, parquet/arrow files, a packed folder, or a Hub dataset id")
-    parser.add_argument("--checkpoint", required=True, help="a classifier or an encoder (a run folder, weights, hf-hub:)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a classifier or an encoder (a run folder, weights, hf-hub:)"
+    )
     parser.add_argument("--out", required=True, help="the parquet file to write")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, help="DataLoader workers (default as for training)")

@@ -1,4 +1,5 @@
 """``fcmae export`` and ``fcmae push``: one parser for every artifact kind (fcmae.weights.artifacts)."""
+
 from __future__ import annotations
 
 from ..tasks import register_all

@@ -1,5 +1,6 @@
 """``fcmae models``: every registered model with its parameters and GFLOPs next to the published
 figures (fcmae.models.table)."""
+
 from __future__ import annotations
 
 

@@ -2,6 +2,7 @@
 holds: a classifier's top-5, a segmenter's label maps, a detector's boxes and masks, or an FCMAE's
 reconstructions. The flags after the images are those of that kind's prediction
 (``fcmae predict --checkpoint SOURCE --help`` lists them)."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,19 @@ def main(argv: list[str] | None = None, prog: str = "fcmae predict") -> int:
             kinds = ", ".join(k.name for k in KINDS.values() if k.predict)
             print(f"usage: {prog} IMAGES --checkpoint SOURCE [FLAGS]\n\n{__doc__}\nKinds that predict: {kinds}.")
             return 0
-        print(f"usage: {prog} IMAGES --checkpoint SOURCE [FLAGS]\n{prog}: error: the following arguments are "
-              "required: --checkpoint", file=sys.stderr)
+        print(
+            f"usage: {prog} IMAGES --checkpoint SOURCE [FLAGS]\n{prog}: error: the following arguments are "
+            "required: --checkpoint",
+            file=sys.stderr,
+        )
         return 2
 
     def run() -> int:
         found = identify(checkpoint)
         if found.kind.predict is None:
-            raise ValueError(f"{checkpoint} holds a {found.kind.name}, which does not predict; `fcmae embed` gives "
-                             "its features.")
+            raise ValueError(
+                f"{checkpoint} holds a {found.kind.name}, which does not predict; `fcmae embed` gives its features."
+            )
         return found.kind.predict(argv, prog=prog)
 
     return exit_on_user_error(run)

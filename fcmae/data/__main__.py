@@ -12,6 +12,7 @@ stored. pack turns an image folder into parquet or webdataset shards with a mani
 ones. ``python -m fcmae.data`` is the same command. A user error (no such folder, no files) exits
 with status 2 and one line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,29 +43,46 @@ def _stats(args) -> None:
     def fmt(values):
         return ", ".join(f"{v:.6g}" for v in values)
 
-    print(f"# {len(s.mean)} channel(s) over {s.pixels} pixels of {s.files} of the {len(files)} files in {args.dir}"
-          + (f" ({s.bad} skipped)" if s.bad else "") + f"; channel axis {args.channel_axis}, seed {args.seed}")
+    print(
+        f"# {len(s.mean)} channel(s) over {s.pixels} pixels of {s.files} of the {len(files)} files in {args.dir}"
+        + (f" ({s.bad} skipped)" if s.bad else "")
+        + f"; channel axis {args.channel_axis}, seed {args.seed}"
+    )
     print(f"mean: [{fmt(s.mean)}]")
     print(f"std: [{fmt(s.std)}]")
     print(f"# flags: --mean {fmt(s.mean).replace(' ', '')} --std {fmt(s.std).replace(' ', '')}")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m fcmae.data") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", allow_abbrev=False, help="per-channel mean and std of a folder of arrays or images")
+    stats = commands.add_parser(
+        "stats", allow_abbrev=False, help="per-channel mean and std of a folder of arrays or images"
+    )
     stats.add_argument("dir")
-    stats.add_argument("--channel-axis", choices=CHANNEL_AXES, default="last",
-                       help="where .npy files (and TIFFs stored as page stacks) hold the channels (default: last)")
+    stats.add_argument(
+        "--channel-axis",
+        choices=CHANNEL_AXES,
+        default="last",
+        help="where .npy files (and TIFFs stored as page stacks) hold the channels (default: last)",
+    )
     stats.add_argument("--sample", type=int, default=1000, help="files drawn at random (default: 1000)")
     stats.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
-    stats.add_argument("--max-bad-fraction", type=float, default=0.01,
-                       help="fraction of unreadable files allowed (default: 0.01)")
+    stats.add_argument(
+        "--max-bad-fraction", type=float, default=0.01, help="fraction of unreadable files allowed (default: 0.01)"
+    )
     from . import pack
 
-    pack.add_pack_arguments(commands.add_parser("pack", allow_abbrev=False, help="an image folder -> parquet / webdataset shards + manifest"))
-    check = commands.add_parser("verify", allow_abbrev=False, help="check a packed folder's shards against its manifest")
+    pack.add_pack_arguments(
+        commands.add_parser(
+            "pack", allow_abbrev=False, help="an image folder -> parquet / webdataset shards + manifest"
+        )
+    )
+    check = commands.add_parser(
+        "verify", allow_abbrev=False, help="check a packed folder's shards against its manifest"
+    )
     check.add_argument("dir")
     args = parser.parse_args(argv)
     if args.command == "pack":

@@ -14,6 +14,7 @@ in_chans != 3 every file does (a .tif/.tiff is read band by band, an RGB image i
 in an RGB run other files are RGB images (fcmae.data.decode), and a TIFF that PIL cannot read
 (16-bit or float bands) is read as an array of 3 channels.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,6 +40,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF a
 
 # ----------------------------------------------------------------------------- decoding
 
+
 def read_array(value, channel_axis: str = "last", expected_channels: int | None = None) -> np.ndarray:
     """A float32 (H, W, N) array from a .npy or TIFF file: a path, bytes, or a datasets
     {'bytes', 'path'} dict. The format is recognised from the file's first bytes, not its name.
@@ -58,7 +60,7 @@ def read_array(value, channel_axis: str = "last", expected_channels: int | None 
     if data.startswith(_NPY_MAGIC):
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as e:  # object arrays (ValueError), truncated files (EOFError, ValueError)...
+        except Exception as e:  # noqa: BLE001 - object arrays (ValueError), truncated files (EOFError, ValueError)...
             raise ValueError(f"{name}: not a readable .npy array ({type(e).__name__}: {e}).") from None
         samples_axis = None
     elif data.startswith(_TIFF_MAGIC):
@@ -67,8 +69,10 @@ def read_array(value, channel_axis: str = "last", expected_channels: int | None 
         raise ValueError(f"{name}: neither a .npy nor a TIFF file (its first bytes are {data[:8]!r}).")
     array = _channels_last(array, samples_axis, channel_axis, name)
     if expected_channels is not None and array.shape[-1] != expected_channels:
-        raise ValueError(f"{name}: {array.shape[-1]} channels (shape {array.shape[:2]} x {array.shape[-1]} after "
-                         f"channel_axis={channel_axis!r}), expected {expected_channels}.")
+        raise ValueError(
+            f"{name}: {array.shape[-1]} channels (shape {array.shape[:2]} x {array.shape[-1]} after "
+            f"channel_axis={channel_axis!r}), expected {expected_channels}."
+        )
     return scale_to_unit(array, name)
 
 
@@ -78,6 +82,7 @@ class Reader:
     docstring); raises ValueError / OSError for an unreadable file or a wrong channel count, which the
     datasets count as bad. ``stand_in(size, mean)``: the sample a fully unreadable batch gets, the
     mean in every pixel (zero after normalisation)."""
+
     in_chans: int = 3
     channel_axis: str = "last"
 
@@ -91,7 +96,7 @@ class Reader:
             return read_array(value, self.channel_axis, self.in_chans)
         try:
             return decode_rgb(value)
-        except Exception:  # noqa: BLE001 - PIL reads 8-bit TIFFs only; tifffile reads 16-bit and float bands
+        except Exception:
             if not name.endswith((".tif", ".tiff")):
                 raise
             return read_array(value, self.channel_axis, self.in_chans)
@@ -131,9 +136,12 @@ def _read_tiff(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             series = tif.series[0]
             array, axes = series.asarray(), series.axes
-    except Exception as e:  # tifffile raises TiffFileError, KeyError (missing codec), ValueError...
-        hint = " (pip install imagecodecs: tifffile needs it for LZW, JPEG, PackBits... compression)" \
-            if "imagecodecs" in str(e) else ""
+    except Exception as e:  # noqa: BLE001 - tifffile raises TiffFileError, KeyError (missing codec), ValueError...
+        hint = (
+            " (pip install imagecodecs: tifffile needs it for LZW, JPEG, PackBits... compression)"
+            if "imagecodecs" in str(e)
+            else ""
+        )
         raise ValueError(f"{name}: not a readable TIFF ({type(e).__name__}: {e}){hint}.") from None
     return array, (axes.index("S") if "S" in axes and len(axes) == array.ndim else None)
 
@@ -168,6 +176,7 @@ def scale_to_unit(array: np.ndarray, name: str = "<array>") -> np.ndarray:
 
 # ----------------------------------------------------------------------------- transforms
 
+
 class ToChannelsFirst:
     """(H, W, N) numpy array -> float32 tensor (N, H, W); a tensor (C, H, W) passes through."""
 
@@ -188,8 +197,10 @@ class ChannelNormalize(transforms.Normalize):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-3] != len(self.mean):
-            raise ValueError(f"an input of {x.shape[-3]} channels, but mean/std have {len(self.mean)} values. "
-                             "Compute per-channel statistics with: python -m fcmae.data stats DIR")
+            raise ValueError(
+                f"an input of {x.shape[-3]} channels, but mean/std have {len(self.mean)} values. "
+                "Compute per-channel statistics with: python -m fcmae.data stats DIR"
+            )
         return super().forward(x)
 
 
@@ -202,14 +213,17 @@ def array_train_transform(input_size: int, mean, std, scale=(0.2, 1.0), reprob: 
 
     Random draws come from torch's global generator, as in torchvision: the loaders call the transform
     inside their per-sample seeded context (seed, epoch, index), which makes it reproducible."""
-    return transforms.Compose([
-        ToChannelsFirst(),
-        transforms.RandomResizedCrop(input_size, scale=tuple(scale), antialias=True,
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        ChannelNormalize(mean, std),
-        *([RandomErasing(reprob, mode="pixel", device="cpu")] if reprob > 0 else []),
-    ])
+    return transforms.Compose(
+        [
+            ToChannelsFirst(),
+            transforms.RandomResizedCrop(
+                input_size, scale=tuple(scale), antialias=True, interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            ChannelNormalize(mean, std),
+            *([RandomErasing(reprob, mode="pixel", device="cpu")] if reprob > 0 else []),
+        ]
+    )
 
 
 def array_eval_transform(input_size: int, mean, std, crop_pct: float | None = None):
@@ -220,12 +234,15 @@ def array_eval_transform(input_size: int, mean, std, crop_pct: float | None = No
     if input_size >= 384 and crop_pct is None:
         resize = [transforms.Resize((input_size, input_size), interpolation=bicubic, antialias=True)]
     else:
-        resize = [transforms.Resize(int(input_size / (crop_pct or EVAL_CROP_PCT)), interpolation=bicubic,
-                                    antialias=True), transforms.CenterCrop(input_size)]
+        resize = [
+            transforms.Resize(int(input_size / (crop_pct or EVAL_CROP_PCT)), interpolation=bicubic, antialias=True),
+            transforms.CenterCrop(input_size),
+        ]
     return transforms.Compose([ToChannelsFirst(), *resize, ChannelNormalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- statistics
+
 
 def read_any(path, channel_axis: str = "last", expected_channels: int | None = None) -> np.ndarray:
     """float32 (H, W, N) in the units the transforms see: .npy/.tif/.tiff through read_array,
@@ -234,7 +251,7 @@ def read_any(path, channel_axis: str = "last", expected_channels: int | None = N
         return read_array(path, channel_axis, expected_channels)
     try:
         array = np.asarray(decode_rgb(path))
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError...
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}).") from None
     if expected_channels is not None and expected_channels != 3:
         raise ValueError(f"{path}: 3 channels (an RGB image), expected {expected_channels}.")
@@ -250,16 +267,18 @@ class ChannelStats:
     pixels: int  # pixels per channel
 
 
-def channel_stats(paths, channel_axis: str = "last", sample: int = 1000, seed: int = 0,
-                  max_bad_fraction: float = 0.01) -> tuple[list[float], list[float]]:
+def channel_stats(
+    paths, channel_axis: str = "last", sample: int = 1000, seed: int = 0, max_bad_fraction: float = 0.01
+) -> tuple[list[float], list[float]]:
     """(mean, std) per channel over every pixel of a random sample of `sample` files (all of them
     when there are fewer); see `channel_summary`."""
     stats = channel_summary(paths, channel_axis, sample, seed, max_bad_fraction)
     return stats.mean, stats.std
 
 
-def channel_summary(paths, channel_axis: str = "last", sample: int = 1000, seed: int = 0,
-                    max_bad_fraction: float = 0.01) -> ChannelStats:
+def channel_summary(
+    paths, channel_axis: str = "last", sample: int = 1000, seed: int = 0, max_bad_fraction: float = 0.01
+) -> ChannelStats:
     """Per-channel mean and std over every pixel of a random sample of `sample` files, each pixel
     weighing the same. Population std (ddof 0), accumulated in float64 with Chan et al.'s pairwise
     update, so large folders lose no precision. Values are those of `read_any` (integers scaled to
@@ -270,8 +289,11 @@ def channel_summary(paths, channel_axis: str = "last", sample: int = 1000, seed:
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError("No files to compute statistics over.")
-    chosen = range(len(paths)) if sample >= len(paths) else \
-        sorted(np.random.default_rng(seed).choice(len(paths), sample, replace=False).tolist())
+    chosen = (
+        range(len(paths))
+        if sample >= len(paths)
+        else sorted(np.random.default_rng(seed).choice(len(paths), sample, replace=False).tolist())
+    )
     count, mean, m2, channels, bad = 0, None, None, None, []
     for i in chosen:
         try:
@@ -290,10 +312,12 @@ def channel_summary(paths, channel_axis: str = "last", sample: int = 1000, seed:
         else:  # Chan, Golub and LeVeque (1979): merge two (count, mean, M2) summaries
             delta, total = x_mean - mean, count + n
             mean = mean + delta * n / total
-            m2 = m2 + x_m2 + delta ** 2 * count * n / total
+            m2 = m2 + x_m2 + delta**2 * count * n / total
             count = total
     if mean is None or len(bad) > max_bad_fraction * len(chosen):
-        raise ValueError(f"{len(bad)} of {len(chosen)} files could not be read or have another channel count "
-                         f"(first: {', '.join(bad[:3])}); fix or remove them, or allow more (max_bad_fraction, "
-                         "--max-bad-fraction).")
+        raise ValueError(
+            f"{len(bad)} of {len(chosen)} files could not be read or have another channel count "
+            f"(first: {', '.join(bad[:3])}); fix or remove them, or allow more (max_bad_fraction, "
+            "--max-bad-fraction)."
+        )
     return ChannelStats(mean.tolist(), np.sqrt(m2 / count).tolist(), len(chosen) - len(bad), len(bad), count)

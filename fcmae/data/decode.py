@@ -1,4 +1,5 @@
 """Decoding: any image file (or its bytes) to an 8-bit RGB PIL image, or an exception."""
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ def image_paths(items, extensions=None) -> list[Path]:
     from .listing import IMAGE_EXTENSIONS, files_under
 
     extensions = tuple(extensions or IMAGE_EXTENSIONS)
-    return [Path(p) for item in map(str, items)
-            for p in (files_under(item, extensions) if os.path.isdir(item) else [item])]
+    return [
+        Path(p) for item in map(str, items) for p in (files_under(item, extensions) if os.path.isdir(item) else [item])
+    ]
 
 
 def read_images(paths, reader=decode_rgb):

@@ -15,6 +15,7 @@ Conventions:
   Training images arrive jittered and flipped, a pure function of (seed, epoch, index);
   evaluation images at their original size (the detector resizes, and maps results back).
 """
+
 from __future__ import annotations
 
 import io
@@ -76,6 +77,7 @@ class CategoryMap:
 
 # ----------------------------------------------------------------------------- loading and checking
 
+
 def load_coco(source) -> dict:
     """A checked COCO dict from a path or a dict. Raises FileNotFoundError for a missing file and
     ValueError naming the first bad image or annotation."""
@@ -84,8 +86,10 @@ def load_coco(source) -> dict:
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"Annotation file {path} does not exist; expected a COCO-format JSON "
-                                    "(e.g. annotations/instances_train2017.json).")
+            raise FileNotFoundError(
+                f"Annotation file {path} does not exist; expected a COCO-format JSON "
+                "(e.g. annotations/instances_train2017.json)."
+            )
         try:
             coco = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,15 +97,19 @@ def load_coco(source) -> dict:
         name = str(path)
     missing = [k for k in ("images", "categories") if k not in coco] if isinstance(coco, dict) else ["an object"]
     if missing:
-        raise ValueError(f"{name} lacks {', '.join(missing)}; a COCO file is an object with 'images', "
-                         "'annotations' and 'categories'.")
+        raise ValueError(
+            f"{name} lacks {', '.join(missing)}; a COCO file is an object with 'images', "
+            "'annotations' and 'categories'."
+        )
     coco.setdefault("annotations", [])
     images = {}
     for im in coco["images"]:
         size = (im.get("width"), im.get("height"))
         if not all(isinstance(v, (int, float)) and v > 0 for v in size):
-            raise ValueError(f"{name}: image {im.get('id')} ({im.get('file_name')}) has width x height "
-                             f"{im.get('width')} x {im.get('height')}; both must be positive.")
+            raise ValueError(
+                f"{name}: image {im.get('id')} ({im.get('file_name')}) has width x height "
+                f"{im.get('width')} x {im.get('height')}; both must be positive."
+            )
         images[im["id"]] = im
     cat_ids = {c["id"] for c in coco["categories"]}
     for a in coco["annotations"]:
@@ -109,12 +117,15 @@ def load_coco(source) -> dict:
         if a.get("image_id") not in images:
             raise ValueError(f"{what} refers to image_id {a.get('image_id')}, which is not in 'images'.")
         if a.get("category_id") not in cat_ids:
-            raise ValueError(f"{what} has category_id {a.get('category_id')}, not among the categories "
-                             f"{sorted(cat_ids)}.")
+            raise ValueError(
+                f"{what} has category_id {a.get('category_id')}, not among the categories {sorted(cat_ids)}."
+            )
         box = a.get("bbox")
         if not isinstance(box, (list, tuple)) or len(box) != 4 or box[2] < 0 or box[3] < 0:
-            raise ValueError(f"{what} (image {a['image_id']}) has bbox {box}; expected [x, y, width, height] "
-                             "with width and height >= 0.")
+            raise ValueError(
+                f"{what} (image {a['image_id']}) has bbox {box}; expected [x, y, width, height] "
+                "with width and height >= 0."
+            )
     return coco
 
 
@@ -129,8 +140,11 @@ def coco_from_hub(ds) -> dict:
     cat = getattr(cat, "feature", cat)
     names = list(getattr(cat, "names", None) or [])
     rows = ds.select_columns([c for c in ("image_id", "width", "height", "objects") if c in ds.column_names])
-    raw = None if {"width", "height"} <= set(ds.column_names) else ds.select_columns(["image"]).cast_column(
-        "image", type(ds.features["image"])(decode=False))
+    raw = (
+        None
+        if {"width", "height"} <= set(ds.column_names)
+        else ds.select_columns(["image"]).cast_column("image", type(ds.features["image"])(decode=False))
+    )
     images, anns, seen = [], [], set()
     for row_index, row in enumerate(rows):
         objs = row["objects"]
@@ -147,8 +161,14 @@ def coco_from_hub(ds) -> dict:
         for o in objs:
             x, y, bw, bh = o["bbox"]
             seen.add(o["category"])
-            ann = {"id": o.get("id", len(anns) + 1), "image_id": image_id, "category_id": o["category"],
-                   "bbox": [x, y, bw, bh], "area": o.get("area", bw * bh), "iscrowd": int(o.get("iscrowd", 0))}
+            ann = {
+                "id": o.get("id", len(anns) + 1),
+                "image_id": image_id,
+                "category_id": o["category"],
+                "bbox": [x, y, bw, bh],
+                "area": o.get("area", bw * bh),
+                "iscrowd": int(o.get("iscrowd", 0)),
+            }
             if o.get("segmentation") is not None:
                 ann["segmentation"] = o["segmentation"]
             anns.append(ann)
@@ -192,8 +212,15 @@ def training_targets(coco: dict, cat_to_label: dict[int, int], masks: bool) -> t
             x, y, bw, bh = a["bbox"]
             x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
             segm = _valid_segmentation(a.get("segmentation")) if masks else None
-            reason = ("crowd" if a.get("iscrowd", 0) else "degenerate" if x2 - x1 < MIN_BOX or y2 - y1 < MIN_BOX
-                      else "without_mask" if masks and segm is None else None)
+            reason = (
+                "crowd"
+                if a.get("iscrowd", 0)
+                else "degenerate"
+                if x2 - x1 < MIN_BOX or y2 - y1 < MIN_BOX
+                else "without_mask"
+                if masks and segm is None
+                else None
+            )
             if reason:
                 dropped[reason] += 1
                 continue
@@ -206,6 +233,7 @@ def training_targets(coco: dict, cat_to_label: dict[int, int], masks: bool) -> t
 
 # ----------------------------------------------------------------------------- dataset
 
+
 class DetectionDataset(torch.utils.data.Dataset):
     """``ds[i]`` or ``ds[(i, epoch)]`` (fcmae.data.EpochSampler's keys) -> (image, target).
 
@@ -215,28 +243,48 @@ class DetectionDataset(torch.utils.data.Dataset):
     largest short side, or the crop); otherwise the original image with boxes and labels only.
     """
 
-    def __init__(self, coco: dict, image_dir=None, hf=None, train: bool = True, scale: int = 800,
-                 jitter: str = "multiscale", masks: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        coco: dict,
+        image_dir=None,
+        hf=None,
+        train: bool = True,
+        scale: int = 800,
+        jitter: str = "multiscale",
+        masks: bool = True,
+        seed: int = 0,
+    ):
         if jitter not in JITTERS:
             raise ValueError(f"jitter must be one of {JITTERS}; got {jitter!r}.")
         self.coco, self.train, self.scale, self.jitter, self.masks, self.seed, self.epoch = (
-            coco, train, scale, jitter, masks, seed, 0)
+            coco,
+            train,
+            scale,
+            jitter,
+            masks,
+            seed,
+            0,
+        )
         self.categories = CategoryMap.from_categories(coco["categories"])
         self.images = list(coco["images"])
         self.image_dir, self.hf = (Path(image_dir) if image_dir is not None else None), hf
         if hf is not None:
             from datasets import Image as ImageFeature
+
             self.hf = hf.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
         elif self.image_dir is None:
             raise ValueError("Give image_dir (a folder of the images) or hf (a datasets.Dataset with an image column).")
         else:  # fail now, not hours into training
             for im in self.images:
                 if not (self.image_dir / im["file_name"]).is_file():
-                    raise FileNotFoundError(f"Image {self.image_dir / im['file_name']} (image id {im['id']}) does "
-                                            "not exist; check the image folder that goes with the annotations.")
+                    raise FileNotFoundError(
+                        f"Image {self.image_dir / im['file_name']} (image id {im['id']}) does "
+                        "not exist; check the image folder that goes with the annotations."
+                    )
         if masks and coco["annotations"] and not any(a.get("segmentation") for a in coco["annotations"]):
-            raise ValueError("The annotations have no 'segmentation': train a box-only detector "
-                             "(masks=False, --no-masks).")
+            raise ValueError(
+                "The annotations have no 'segmentation': train a box-only detector (masks=False, --no-masks)."
+            )
         self.targets, self.dropped = training_targets(coco, self.categories.cat_to_label, masks)
         if self.dropped:
             log.info("detection data: left out of training targets: %s", dict(self.dropped))
@@ -257,8 +305,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         except Exception as e:
             raise ValueError(f"Image {name} (image id {im['id']}) could not be decoded: {type(e).__name__}: {e}") from e
         if image.size != (im["width"], im["height"]):
-            raise ValueError(f"Image {name} (image id {im['id']}) is {image.size[0]} x {image.size[1]} but the "
-                             f"annotations say {im['width']} x {im['height']}; they do not belong together.")
+            raise ValueError(
+                f"Image {name} (image id {im['id']}) is {image.size[0]} x {image.size[1]} but the "
+                f"annotations say {im['width']} x {im['height']}; they do not belong together."
+            )
         return image
 
     def __getitem__(self, key):
@@ -266,14 +316,18 @@ class DetectionDataset(torch.utils.data.Dataset):
         im = self.images[index]
         image = F.to_dtype(F.pil_to_tensor(self.read_image(index)), torch.float32, scale=True)
         boxes, labels, segms = self.targets[index]
-        target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                  "labels": torch.tensor(labels, dtype=torch.int64), "image_id": im["id"]}
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": im["id"],
+        }
         if not self.train:
             return image, target
         if self.masks:
             h, w = im["height"], im["width"]
-            target["masks"] = torch.from_numpy(np.stack([ann_to_mask(s, h, w) for s in segms])
-                                               if segms else np.zeros((0, h, w), np.uint8))
+            target["masks"] = torch.from_numpy(
+                np.stack([ann_to_mask(s, h, w) for s in segms]) if segms else np.zeros((0, h, w), np.uint8)
+            )
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
         return jitter_and_flip(image, target, rng, self.scale, self.jitter)
 

@@ -15,6 +15,7 @@ augmentation is a pure function of (seed, epoch, index), an unreadable image is 
 by the next readable sample (with its label). In validation, an unreadable image is counted and left
 out of the accuracy (``ok`` False), never replaced: a stand-in would change the metric.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -42,16 +43,20 @@ def load_splits(cfg: DataConfig, with_train: bool = True) -> tuple[datasets.Data
     """(train, val, source description) from ``cfg.data`` / ``cfg.dataset_name``. ``with_train=False``
     (evaluation only) reads the validation split alone; train is then None."""
     if bool(cfg.data) == bool(cfg.dataset_name):
-        raise ValueError("Give the labelled data: --data FOLDER (train/ and val/ class folders, or split parquet "
-                         "files) or --dataset-name OWNER/NAME (a Hub dataset with a label column), not both.")
+        raise ValueError(
+            "Give the labelled data: --data FOLDER (train/ and val/ class folders, or split parquet "
+            "files) or --dataset-name OWNER/NAME (a Hub dataset with a label column), not both."
+        )
     source = cfg.dataset_name or cfg.data
     if cfg.dataset_name is None and is_local(source):
         splits = (_split_name(cfg.train_split), _split_name(cfg.val_split))
         found = {split: local_files(source, split) for split in (splits if with_train else splits[1:])}
         builders = sorted({builder for builder, _ in found.values()})
         if len(builders) > 1:
-            raise ValueError(f"{source!r}: the splits hold different kinds of files ({', '.join(builders)}); "
-                             "give every split as image folders, or every split as parquet/arrow files.")
+            raise ValueError(
+                f"{source!r}: the splits hold different kinds of files ({', '.join(builders)}); "
+                "give every split as image folders, or every split as parquet/arrow files."
+            )
         files = {split: split_files for split, (_, split_files) in found.items()}
         if builders[0] == "imagefolder":  # classes named from the folders of both splits, as datasets does
             names, labels = class_labels(files) or (None, {})  # None: no labels (one folder, or mixed depths)
@@ -59,8 +64,10 @@ def load_splits(cfg: DataConfig, with_train: bool = True) -> tuple[datasets.Data
         else:
             both = datasets.load_dataset(builders[0], data_files=files)
         return both[splits[0]] if with_train else None, both[splits[1]], source
-    hub = [load_hub(source, cfg.dataset_config_name, s) if with_train or s == cfg.val_split else None
-           for s in (cfg.train_split, cfg.val_split)]
+    hub = [
+        load_hub(source, cfg.dataset_config_name, s) if with_train or s == cfg.val_split else None
+        for s in (cfg.train_split, cfg.val_split)
+    ]
     return hub[0], hub[1], source
 
 
@@ -68,14 +75,18 @@ def _label_column(ds: datasets.Dataset, requested: str | None, source: str) -> s
     columns = list(ds.features)
     if requested:
         if requested not in columns:
-            raise ValueError(f"{source!r} has no label column {requested!r}. Available columns: {columns}. "
-                             "Name it with --label-column.")
+            raise ValueError(
+                f"{source!r} has no label column {requested!r}. Available columns: {columns}. "
+                "Name it with --label-column."
+            )
         return requested
     typed = [c for c, f in ds.features.items() if isinstance(f, ClassLabel)]
     found = (typed + [c for c in ("label", "labels", "target", "cls") if c in columns] + [None])[0]  # cls: webdataset
     if found is None:
-        raise ValueError(f"{source!r} has no ClassLabel column and no column named label/labels/target/cls. "
-                         f"Available columns: {columns}. Name the label column with --label-column.")
+        raise ValueError(
+            f"{source!r} has no ClassLabel column and no column named label/labels/target/cls. "
+            f"Available columns: {columns}. Name the label column with --label-column."
+        )
     return found
 
 
@@ -87,8 +98,10 @@ def labels_and_names(train: datasets.Dataset, val: datasets.Dataset, column: str
         names = list(feature.names)
         val_feature = val.features[column]
         if isinstance(val_feature, ClassLabel) and list(val_feature.names) != names:
-            raise ValueError(f"{source!r}: the train and val splits name their classes differently "
-                             f"({names[:5]}... vs {list(val_feature.names)[:5]}...).")
+            raise ValueError(
+                f"{source!r}: the train and val splits name their classes differently "
+                f"({names[:5]}... vs {list(val_feature.names)[:5]}...)."
+            )
         return raw_train, raw_val, names
     if all(isinstance(v, str) for v in raw_train):
         names = sorted(set(raw_train))
@@ -99,11 +112,14 @@ def labels_and_names(train: datasets.Dataset, val: datasets.Dataset, column: str
         return [index[v] for v in raw_train], [index[v] for v in raw_val], names
     if all(isinstance(v, int) and v >= 0 for v in raw_train + raw_val):
         return raw_train, raw_val, [str(i) for i in range(max(raw_train + raw_val) + 1)]
-    raise ValueError(f"{source!r}: label column {column!r} must hold class names or non-negative integers; "
-                     f"found e.g. {raw_train[:3]}.")
+    raise ValueError(
+        f"{source!r}: label column {column!r} must hold class names or non-negative integers; "
+        f"found e.g. {raw_train[:3]}."
+    )
 
 
 # ----------------------------------------------------------------------------- datasets and loaders
+
 
 class LabelledImages(ImageSamples, torch.utils.data.Dataset):
     """``ds[(index, epoch)]`` or ``ds[index]`` -> (image (C, S, S), label, ok); C is the reader's
@@ -112,8 +128,17 @@ class LabelledImages(ImageSamples, torch.utils.data.Dataset):
 
     with_index = False
 
-    def __init__(self, hf, labels, transform, seed=0, max_bad_fraction=0.01, train=True, input_size=224,
-                 reader: Reader | None = None):
+    def __init__(
+        self,
+        hf,
+        labels,
+        transform,
+        seed=0,
+        max_bad_fraction=0.01,
+        train=True,
+        input_size=224,
+        reader: Reader | None = None,
+    ):
         super().__init__(hf, transform, seed, max_bad_fraction, reader)
         self.labels, self.train, self.input_size = labels, train, input_size
 
@@ -148,30 +173,47 @@ def _reader(cfg: DataConfig) -> Reader:
     return Reader(cfg.in_chans, cfg.channel_axis)
 
 
-def build_train_loader(cfg: DataConfig, train, labels, batch_size: int, seed: int = 0, aa: str | None = None,
-                       reprob: float = 0.0, color_jitter: float | None = None, world_size: int = 1,
-                       pin_memory: bool = False, with_index: bool = False) -> EpochLoader:
+def build_train_loader(
+    cfg: DataConfig,
+    train,
+    labels,
+    batch_size: int,
+    seed: int = 0,
+    aa: str | None = None,
+    reprob: float = 0.0,
+    color_jitter: float | None = None,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    with_index: bool = False,
+) -> EpochLoader:
     """An ``EpochLoader`` over an ``EpochSampler`` (call ``set_epoch``), full batches only, with timm's
     training transform (``aa``: RandAugment, ``reprob``: RandomErasing, ``color_jitter`` without aa).
     ``with_index``: batches also hold each sample's index (the key of its drop path)."""
     if len(train) // world_size // batch_size == 0:
-        raise ValueError(f"{len(train)} training images are too few for batch size {batch_size} on {world_size} "
-                         "process(es) (batches are full, the incomplete last one is dropped). Lower --batch-size.")
+        raise ValueError(
+            f"{len(train)} training images are too few for batch size {batch_size} on {world_size} "
+            "process(es) (batches are full, the incomplete last one is dropped). Lower --batch-size."
+        )
     reader = _reader(cfg)
     if reader.arrays and (aa or color_jitter):
-        warnings.warn(f"--in-chans {reader.in_chans}: --aa {aa} and --color-jitter {color_jitter} apply to RGB "
-                      "images only; arrays get RandomResizedCrop, flip and RandomErasing (--reprob).", stacklevel=2)
+        warnings.warn(
+            f"--in-chans {reader.in_chans}: --aa {aa} and --color-jitter {color_jitter} apply to RGB "
+            "images only; arrays get RandomResizedCrop, flip and RandomErasing (--reprob).",
+            stacklevel=2,
+        )
     tf = by_input("train", cfg.input_size, cfg.mean, cfg.std, aa=aa, reprob=reprob, color_jitter=color_jitter)
     ds = LabelledImages(train, labels, tf, seed, cfg.max_bad_fraction, True, cfg.input_size, reader)
     ds.with_index = with_index
     return epoch_loader(ds, batch_size, resolve_workers(cfg.num_workers), seed, pin_memory)
 
 
-def build_val_loader(cfg: DataConfig, val, labels, batch_size: int, crop_pct: float | None = None,
-                     pin_memory: bool = False):
+def build_val_loader(
+    cfg: DataConfig, val, labels, batch_size: int, crop_pct: float | None = None, pin_memory: bool = False
+):
     """Every sample once, in order (``accelerator.prepare`` shards it; ``gather_for_metrics`` drops
     the padding), with the evaluation transform."""
     tf = by_input("eval", cfg.input_size, cfg.mean, cfg.std, crop_pct=crop_pct)
     ds = LabelledImages(val, labels, tf, 0, cfg.max_bad_fraction, False, cfg.input_size, _reader(cfg))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=resolve_workers(cfg.num_workers),
-                                       shuffle=False, pin_memory=pin_memory)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=resolve_workers(cfg.num_workers), shuffle=False, pin_memory=pin_memory
+    )

@@ -6,6 +6,7 @@ ImageNet-sized folders. Here the folder is walked once, following links to files
 and datasets' own split patterns (`datasets.data_files`) and imagefolder label rule are applied to
 the list, so splits and class names stay what `datasets.load_dataset("imagefolder", ...)` gives.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,10 +25,16 @@ IMAGE_EXTENSIONS = tuple(sorted(ImageFolder.EXTENSIONS))  # .tif/.tiff among the
 ARRAY_EXTENSIONS = (".npy",)  # N-channel arrays (fcmae.data.arrays); listed as images are: {'bytes': None, 'path'}
 SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
 TABLE_EXTENSIONS = (".parquet", ".arrow")
-BUILDERS = (("parquet", (".parquet",)), ("arrow", (".arrow",)), ("webdataset", (".tar",)),  # .tar: webdataset shards
-            ("imagefolder", SAMPLE_EXTENSIONS))
-ACCEPTED = (f"image files ({' '.join(IMAGE_EXTENSIONS)}) or .npy arrays, flat or in class sub-folders, "
-            f"or {' / '.join(TABLE_EXTENSIONS)} / webdataset .tar files")
+BUILDERS = (
+    ("parquet", (".parquet",)),
+    ("arrow", (".arrow",)),
+    ("webdataset", (".tar",)),  # .tar: webdataset shards
+    ("imagefolder", SAMPLE_EXTENSIONS),
+)
+ACCEPTED = (
+    f"image files ({' '.join(IMAGE_EXTENSIONS)}) or .npy arrays, flat or in class sub-folders, "
+    f"or {' / '.join(TABLE_EXTENSIONS)} / webdataset .tar files"
+)
 RACY_NS = 2_000_000_000  # folder times closer than this to the listing may hide a later change (FAT: 2 s ticks)
 SHARDED = SPLIT_PATTERN_SHARDED.replace("{split}", "*")  # data/*-00000-of-00004.*: the split is the name's start
 _CACHE: dict[str, tuple[int, list, dict]] = {}  # root -> (listing start, [(folder, stat key)], splits)
@@ -79,8 +86,10 @@ def local_files(source: str, split: str) -> tuple[str, list[str]]:
     elif os.path.isdir(path):
         by_split = list_files(path)
         if by_split and split not in by_split:
-            raise ValueError(f"{source!r} has no split {split!r} (split folders/files found: "
-                             f"{sorted(by_split)}); choose one with DataConfig.split (--split).")
+            raise ValueError(
+                f"{source!r} has no split {split!r} (split folders/files found: "
+                f"{sorted(by_split)}); choose one with DataConfig.split (--split)."
+            )
         files = by_split.get(split, [])
     elif os.path.isfile(path):
         files = [path]
@@ -111,6 +120,7 @@ def _folder_name(path):
 
 # ----------------------------------------------------------------------------- the walk
 
+
 def _walk(root, once: bool = False):
     """(files, [(folder, stat key)]): every non-hidden file, and each folder read with its
     (device, inode, mtime) to tell later whether the listing still holds. ``once``: each real folder
@@ -125,9 +135,11 @@ def _walk(root, once: bool = False):
             continue
         seen.add(here)
         if here in above:
-            raise ValueError(f"Link loop: {link or path} leads back to {os.path.realpath(path)}, a folder that "
-                             f"contains it, so the listing of {root} would never end. Remove the link or point it "
-                             "elsewhere.")
+            raise ValueError(
+                f"Link loop: {link or path} leads back to {os.path.realpath(path)}, a folder that "
+                f"contains it, so the listing of {root} would never end. Remove the link or point it "
+                "elsewhere."
+            )
         folders.append((path, (*here, st.st_mtime_ns)))
         with os.scandir(path) as entries:
             for e in entries:
@@ -142,7 +154,7 @@ def _walk(root, once: bool = False):
                 elif e.is_symlink():
                     broken.append(e.path)
     if broken:
-        warnings.warn(f"Ignoring {len(broken)} broken link(s) under {root}, e.g. {broken[0]}.")
+        warnings.warn(f"Ignoring {len(broken)} broken link(s) under {root}, e.g. {broken[0]}.", stacklevel=3)
     return files, folders
 
 
@@ -161,6 +173,7 @@ def _unchanged(started, folders):
 
 
 # ----------------------------------------------------------------------------- splits
+
 
 def split_files(root: str, files: list[str]) -> dict[str, list[str]]:
     """{split: files} by datasets' default patterns, tried in datasets' order: sharded names
@@ -224,6 +237,6 @@ def _literal(pattern):
     return max(re.split(r"[*?/]+", re.sub(r"\[[^\]]*\]", "/", pattern)), key=len)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _regex(pattern):
     return re.compile(glob_translate(pattern))

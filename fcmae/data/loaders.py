@@ -21,6 +21,7 @@ dataset stored as parquet) go through fcmae.data.stream: each shard read once pe
 that depends on neither workers nor processes. Other sources (image folders, .arrow files, Hub
 datasets in other formats) are streamed with datasets' IterableDataset as before.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,13 +31,12 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .arrays import Reader
-from .samples import PretrainImages, StreamingPretrainImages, sample_seed
 from .config import DataConfig
+from .samples import PretrainImages, StreamingPretrainImages, sample_seed
 from .shards import ShardSet, discover, hub_shards, is_url
 from .sources import DEMO_DIR, is_local, load_source
 from .stream import StreamLoader, build_stream_loader
 from .transforms import by_input
-
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -83,14 +83,22 @@ class EpochLoader(torch.utils.data.DataLoader):
 PretrainLoader = EpochLoader  # the name fcmae.data has always exported
 
 
-def epoch_loader(dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
-                 pin_memory: bool = False, collate_fn=None) -> EpochLoader:
+def epoch_loader(
+    dataset, batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool = False, collate_fn=None
+) -> EpochLoader:
     """Full batches of a map-style dataset (keys (index, epoch)), in `EpochSampler` order.
     ``collate_fn``: e.g. lists for detection targets (default: stacked tensors)."""
     generator = torch.Generator().manual_seed(seed)  # DataLoader's base-seed draw, not the global RNG
-    return EpochLoader(dataset, sampler=EpochSampler(len(dataset), seed), batch_size=batch_size,
-                       num_workers=num_workers, drop_last=True, generator=generator, pin_memory=pin_memory,
-                       collate_fn=collate_fn)
+    return EpochLoader(
+        dataset,
+        sampler=EpochSampler(len(dataset), seed),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=True,
+        generator=generator,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+    )
 
 
 def stream_shards(cfg: DataConfig) -> ShardSet | None:
@@ -105,9 +113,18 @@ def stream_shards(cfg: DataConfig) -> ShardSet | None:
         return None
 
 
-def build_pretrain_loader(cfg: DataConfig, batch_size: int, num_workers: int = 0, seed: int = 0,
-                          epoch: int = 0, rank: int = 0, world_size: int = 1, transform=None,
-                          pin_memory: bool = False, with_index: bool = False) -> EpochLoader | StreamLoader:
+def build_pretrain_loader(
+    cfg: DataConfig,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    transform=None,
+    pin_memory: bool = False,
+    with_index: bool = False,
+) -> EpochLoader | StreamLoader:
     """A loader of (images (B, C, S, S), ok (B,)) batches with drop_last, set to `epoch`. C is
     cfg.in_chans; images are normalised with cfg.mean / cfg.std (ImageNet's if None). ``with_index``:
     batches also hold each sample's global index (B,), the key of its masks and drop path.
@@ -129,35 +146,74 @@ def build_pretrain_loader(cfg: DataConfig, batch_size: int, num_workers: int = 0
     shards = stream_shards(cfg) if cfg.streaming else None
     if shards is not None:
         if cfg.num_examples is not None and cfg.num_examples != shards.num_rows:
-            warnings.warn(f"--num-examples {cfg.num_examples} ignored: the shards of {shards.source!r} hold "
-                          f"{shards.num_rows} rows.", stacklevel=2)
-        return build_stream_loader(shards, transform, batch_size, num_workers, seed, epoch, rank, world_size,
-                                   cfg.input_size, cfg.stream_partitions, cfg.stream_window, cfg.max_bad_fraction,
-                                   reader, cfg.mean, pin_memory, with_index)
+            warnings.warn(
+                f"--num-examples {cfg.num_examples} ignored: the shards of {shards.source!r} hold "
+                f"{shards.num_rows} rows.",
+                stacklevel=2,
+            )
+        place = (batch_size, num_workers, seed, epoch, rank, world_size)
+        window = (cfg.input_size, cfg.stream_partitions, cfg.stream_window, cfg.max_bad_fraction)
+        return build_stream_loader(shards, transform, *place, *window, reader, cfg.mean, pin_memory, with_index)
     hf, num = load_source(cfg)
-    if num is None:
-        raise ValueError(f"The number of examples of the streamed dataset {cfg.dataset_name or cfg.data!r} "
-                         "is unknown, and every rank needs the same number of batches: set "
-                         "DataConfig.num_examples (--num-examples).")
-    if num // world_size // batch_size == 0:
-        raise ValueError(f"{num} images are too few for batch size {batch_size} on {world_size} process(es) "
-                         "(batches are full, and the incomplete last one is dropped). Lower the batch size.")
+    _check_count(cfg, num, batch_size, world_size)
     if cfg.streaming:
-        hf = split_dataset_by_node(hf.shuffle(seed=seed, buffer_size=cfg.stream_window),
-                                   rank=rank, world_size=world_size, strategy="examples")
-        dataset = StreamingPretrainImages(hf, transform, batch_size, num // world_size // batch_size,
-                                          cfg.input_size, seed, rank, world_size, cfg.max_bad_fraction, reader,
-                                          cfg.mean)
-        dataset.with_index = with_index
-        generator = torch.Generator().manual_seed(seed)
-        loader = EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-                             generator=generator, pin_memory=pin_memory)
+        args = (cfg, hf, num, transform, batch_size, num_workers, seed, rank, world_size, reader, pin_memory)
+        loader = _datasets_stream_loader(*args, with_index=with_index)
     else:
         dataset = PretrainImages(hf, transform, seed, cfg.max_bad_fraction, reader)
         dataset.with_index = with_index
         loader = epoch_loader(dataset, batch_size, num_workers, seed, pin_memory)
     loader.set_epoch(epoch)
     return loader
+
+
+def _check_count(cfg: DataConfig, num: int | None, batch_size: int, world_size: int) -> None:
+    """Raise when the number of examples is unknown or gives no full batch per process."""
+    if num is None:
+        raise ValueError(
+            f"The number of examples of the streamed dataset {cfg.dataset_name or cfg.data!r} "
+            "is unknown, and every rank needs the same number of batches: set "
+            "DataConfig.num_examples (--num-examples)."
+        )
+    if num // world_size // batch_size == 0:
+        raise ValueError(
+            f"{num} images are too few for batch size {batch_size} on {world_size} process(es) "
+            "(batches are full, and the incomplete last one is dropped). Lower the batch size."
+        )
+
+
+def _datasets_stream_loader(
+    cfg, hf, num, transform, batch_size, num_workers, seed, rank, world_size, reader, pin_memory, with_index
+) -> EpochLoader:
+    """The loader of a stream that datasets' IterableDataset reads: shuffled (seed + epoch), rank r
+    taking every world_size-th example."""
+    hf = split_dataset_by_node(
+        hf.shuffle(seed=seed, buffer_size=cfg.stream_window), rank=rank, world_size=world_size, strategy="examples"
+    )
+    batches = num // world_size // batch_size
+    dataset = StreamingPretrainImages(
+        hf,
+        transform,
+        batch_size,
+        batches,
+        cfg.input_size,
+        seed,
+        rank,
+        world_size,
+        cfg.max_bad_fraction,
+        reader,
+        cfg.mean,
+    )
+    dataset.with_index = with_index
+    generator = torch.Generator().manual_seed(seed)
+    return EpochLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=True,
+        generator=generator,
+        pin_memory=pin_memory,
+    )
 
 
 def recon_images(cfg: DataConfig, n: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ Webdataset: members ``{key}.{ext}`` (the file's own bytes and extension: jpg, pn
 time or owner, so shards are byte-identical from run to run. datasets' webdataset loader reads them
 (``load_dataset("webdataset", data_files=...)``) when a split holds one image type.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,20 +61,35 @@ FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 RECORDS = ".pack"  # DIR/.pack/<split>-<index>.json: the shards written so far (hidden from listings)
 COLUMNS = {
     "image": "datasets Image struct {bytes: the file's bytes as stored in SRC, path: its path relative to SRC}; "
-             "a .npy array is its .npy file's bytes (header: dtype, shape, order)",
+    "a .npy array is its .npy file's bytes (header: dtype, shape, order)",
     "label": "int64 class index (datasets ClassLabel, names in label_names); only with class folders",
     "shape": "list<int64>: the .npy array's shape (null for images); only when arrays are packed",
     "dtype": "string: the .npy array's numpy dtype (null for images); only when arrays are packed",
 }
-WEBDATASET_MEMBERS = {"{key}.{ext}": "the file's bytes (ext: its own extension, lower case)",
-                      "{key}.cls": "the label, decimal text; only with class folders"}
+WEBDATASET_MEMBERS = {
+    "{key}.{ext}": "the file's bytes (ext: its own extension, lower case)",
+    "{key}.cls": "the label, decimal text; only with class folders",
+}
 
 
 def parse_size(text) -> int:
     """Bytes from '512MB', '64MiB', '1.5GB', '4096' (decimal units, and binary KiB/MiB/GiB/TiB)."""
     s = str(text).strip().upper().replace(" ", "")
-    units = {"TIB": 2 ** 40, "GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "TB": 10 ** 12, "GB": 10 ** 9,
-             "MB": 10 ** 6, "KB": 10 ** 3, "T": 10 ** 12, "G": 10 ** 9, "M": 10 ** 6, "K": 10 ** 3, "B": 1}
+    units = {
+        "TIB": 2**40,
+        "GIB": 2**30,
+        "MIB": 2**20,
+        "KIB": 2**10,
+        "TB": 10**12,
+        "GB": 10**9,
+        "MB": 10**6,
+        "KB": 10**3,
+        "T": 10**12,
+        "G": 10**9,
+        "M": 10**6,
+        "K": 10**3,
+        "B": 1,
+    }
     for unit, factor in units.items():
         if s.endswith(unit):
             s, mult = s[: -len(unit)], factor
@@ -103,15 +119,19 @@ class Task:
     key: str  # what the shard's contents depend on: a re-run with the same key skips it
 
 
-def plan_shards(src: str, out: str, shard_size: int, fmt: str, seed: int, shuffle: bool,
-                row_group_bytes: int) -> tuple[list[Task], dict, list]:
+def plan_shards(
+    src: str, out: str, shard_size: int, fmt: str, seed: int, shuffle: bool, row_group_bytes: int
+) -> tuple[list[Task], dict, list]:
     """(tasks, {split: number of shards}, label names): a pure function of the listing and the flags."""
-    listing = {split: [f for f in files if f.lower().endswith(SAMPLE_EXTENSIONS)] for split, files in
-               list_files(src).items()}
+    listing = {
+        split: [f for f in files if f.lower().endswith(SAMPLE_EXTENSIONS)] for split, files in list_files(src).items()
+    }
     listing = {split: files for split, files in listing.items() if files}
     if not listing:
-        raise FileNotFoundError(f"No images or arrays found in {src!r}; expected image files "
-                                f"({' '.join(SAMPLE_EXTENSIONS)}), flat, in class folders or in split folders.")
+        raise FileNotFoundError(
+            f"No images or arrays found in {src!r}; expected image files "
+            f"({' '.join(SAMPLE_EXTENSIONS)}), flat, in class folders or in split folders."
+        )
     labels = class_labels(listing)
     names, by_split = labels if labels else (None, {})
     arrays = any(f.lower().endswith(".npy") for files in listing.values() for f in files)
@@ -122,27 +142,42 @@ def plan_shards(src: str, out: str, shard_size: int, fmt: str, seed: int, shuffl
         order = range(len(files))
         if shuffle:
             order = torch.randperm(len(files), generator=torch.Generator().manual_seed(sample_seed(seed, s))).tolist()
-        rows = [(files[i], files[i][len(root):].replace(os.sep, "/") if files[i].startswith(root) else files[i],
-                 split_labels[i], os.stat(files[i])) for i in order]
-        shards, current, size = [], [], 0
-        for row in rows:
-            if current and size + row[3].st_size > shard_size:
-                shards.append(current)
-                current, size = [], 0
-            current.append(row)
-            size += row[3].st_size
-        shards.append(current)
+        rows = [
+            (
+                files[i],
+                files[i][len(root) :].replace(os.sep, "/") if files[i].startswith(root) else files[i],
+                split_labels[i],
+                os.stat(files[i]),
+            )
+            for i in order
+        ]
+        shards = _fill(rows, shard_size)
         counts[split] = len(shards)
         first = 0
         for i, shard in enumerate(shards):
             name = f"{split}/shard-{i:05d}{FORMATS[fmt]}"
-            key = hashlib.sha256(json.dumps([fmt, row_group_bytes, names, arrays, first] + [
-                [rel, label, st.st_size, st.st_mtime_ns] for _, rel, label, st in shard]).encode()).hexdigest()
-            tasks.append(Task(split, i, [(a, rel, label) for a, rel, label, _ in shard],
-                              os.path.join(out, split, os.path.basename(name)), name, fmt, row_group_bytes, names,
-                              arrays, key))
+            described = [fmt, row_group_bytes, names, arrays, first]
+            described += [[rel, label, st.st_size, st.st_mtime_ns] for _, rel, label, st in shard]
+            key = hashlib.sha256(json.dumps(described).encode()).hexdigest()
+            rows_of = [(a, rel, label) for a, rel, label, _ in shard]
+            path = os.path.join(out, split, os.path.basename(name))
+            tasks.append(Task(split, i, rows_of, path, name, fmt, row_group_bytes, names, arrays, key))
             first += len(shard)
     return tasks, counts, names
+
+
+def _fill(rows: list, shard_size: int) -> list[list]:
+    """``rows`` (path, name, label, stat) in order, cut into shards of at most ``shard_size`` bytes of files
+    (a file larger than that is a shard of its own)."""
+    shards, current, size = [], [], 0
+    for row in rows:
+        if current and size + row[3].st_size > shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(row)
+        size += row[3].st_size
+    shards.append(current)
+    return shards
 
 
 class _Hashing(io.RawIOBase):
@@ -179,6 +214,68 @@ def _npy_header(data: bytes) -> tuple[list[int] | None, str | None]:
         return None, None
 
 
+def _read_rows(task: Task, skipped: list):
+    """(index, bytes, name, label) of each readable file of ``task``; the others go to ``skipped``."""
+    for i, (path, rel, label) in enumerate(task.rows):
+        try:
+            with open(path, "rb") as src:
+                data = src.read()
+        except OSError as e:
+            skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
+            continue
+        yield i, data, rel, label
+
+
+def _write_parquet(f, task: Task, skipped: list) -> int:
+    """Write the rows of ``task`` as parquet to ``f``, a row group per ``task.row_group_bytes`` of files."""
+    schema = features(task.label_names, task.arrays).arrow_schema
+    # no dictionary and no min/max statistics for the file bytes: both would copy them (twice the size,
+    # and a footer holding two files per row group)
+    stats = ["label"] if task.label_names is not None else False
+    writer = pq.ParquetWriter(f, schema, use_dictionary=False, write_statistics=stats)
+    batch, size, num_rows = [], 0, 0
+
+    def flush():
+        if not batch:
+            return
+        cols = {"image": [{"bytes": d, "path": rel} for d, rel, _ in batch]}
+        if task.label_names is not None:
+            cols["label"] = [label for _, _, label in batch]
+        if task.arrays:
+            heads = [_npy_header(d) if rel.lower().endswith(".npy") else (None, None) for d, rel, _ in batch]
+            cols["shape"], cols["dtype"] = [h[0] for h in heads], [h[1] for h in heads]
+        writer.write_table(pa.Table.from_pydict(cols, schema=schema), row_group_size=len(batch))
+
+    for _, data, rel, label in _read_rows(task, skipped):
+        if batch and size + len(data) > task.row_group_bytes:
+            flush()
+            batch, size = [], 0
+        batch.append((data, rel, label))
+        size += len(data)
+        num_rows += 1
+    flush()
+    writer.close()
+    return num_rows
+
+
+def _write_tar(f, task: Task, skipped: list) -> int:
+    """Write the rows of ``task`` as a webdataset tar to ``f``: KEY.EXT (and KEY.cls with a label)."""
+    num_rows = 0
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, data, rel, label in _read_rows(task, skipped):
+            key = f"{task.index:05d}{i:07d}"
+            ext = os.path.splitext(rel)[1].lower().lstrip(".")
+            members = [(f"{key}.{ext}", data)]
+            if label is not None:
+                members.append((f"{key}.cls", str(label).encode()))
+            for name, payload in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(payload), 0o644, 0
+                tar.addfile(info, io.BytesIO(payload))
+            num_rows += 1
+    return num_rows
+
+
 def features(label_names, arrays: bool) -> Features:
     cols = {"image": ImageFeature(decode=not arrays)}
     if label_names is not None:
@@ -192,62 +289,10 @@ def write_shard(task: Task) -> dict:
     """Write one shard atomically; return its manifest record (with the files that could not be read)."""
     os.makedirs(os.path.dirname(task.path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(task.path), f".{os.path.basename(task.path)}.tmp-{os.getpid()}")
-    skipped, num_rows = [], 0
+    skipped = []
     with open(tmp, "wb") as raw:
         f = _Hashing(raw)
-        if task.fmt == "parquet":
-            schema = features(task.label_names, task.arrays).arrow_schema
-            # no dictionary and no min/max statistics for the file bytes: both would copy them (twice the size,
-            # and a footer holding two files per row group)
-            stats = ["label"] if task.label_names is not None else False
-            writer = pq.ParquetWriter(f, schema, use_dictionary=False, write_statistics=stats)
-            batch, size = [], 0
-
-            def flush():
-                if batch:
-                    cols = {"image": [{"bytes": d, "path": rel} for d, rel, _ in batch]}
-                    if task.label_names is not None:
-                        cols["label"] = [label for _, _, label in batch]
-                    if task.arrays:
-                        heads = [_npy_header(d) if rel.lower().endswith(".npy") else (None, None) for d, rel, _ in batch]
-                        cols["shape"], cols["dtype"] = [h[0] for h in heads], [h[1] for h in heads]
-                    table = pa.Table.from_pydict(cols, schema=schema)
-                    writer.write_table(table, row_group_size=len(batch))
-
-            for path, rel, label in task.rows:
-                try:
-                    with open(path, "rb") as src:
-                        data = src.read()
-                except OSError as e:
-                    skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
-                    continue
-                if batch and size + len(data) > task.row_group_bytes:
-                    flush()
-                    batch, size = [], 0
-                batch.append((data, rel, label))
-                size += len(data)
-                num_rows += 1
-            flush()
-            writer.close()
-        else:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for i, (path, rel, label) in enumerate(task.rows):
-                    try:
-                        with open(path, "rb") as src:
-                            data = src.read()
-                    except OSError as e:
-                        skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
-                        continue
-                    key = f"{task.index:05d}{i:07d}"
-                    ext = os.path.splitext(rel)[1].lower().lstrip(".")
-                    members = [(f"{key}.{ext}", data)]
-                    if label is not None:
-                        members.append((f"{key}.cls", str(label).encode()))
-                    for name, payload in members:
-                        info = tarfile.TarInfo(name)
-                        info.size, info.mode, info.mtime = len(payload), 0o644, 0
-                        tar.addfile(info, io.BytesIO(payload))
-                    num_rows += 1
+        num_rows = (_write_parquet if task.fmt == "parquet" else _write_tar)(f, task, skipped)
         raw.flush()
         os.fsync(raw.fileno())
     record = {"name": task.name, "num_rows": num_rows, "bytes": f.n, "sha256": f.sha.hexdigest()}
@@ -267,7 +312,8 @@ def _done(task: Task, records: str) -> dict | None:
     """The record of a shard an earlier run wrote with the same key, if the file is still as written."""
     path = os.path.join(records, f"{task.split}-{task.index:05d}.json")
     try:
-        done = json.loads(open(path).read())
+        with open(path) as f:
+            done = json.loads(f.read())
         st = os.stat(task.path)
     except (OSError, ValueError):
         return None
@@ -276,20 +322,23 @@ def _done(task: Task, records: str) -> dict | None:
     return done
 
 
-def pack(src: str, out: str, shard_size="512MB", fmt: str = "parquet", workers: int | None = None, seed: int = 0,
-         shuffle: bool = True, row_group_size=None, log=print) -> dict:
+def pack(
+    src: str,
+    out: str,
+    shard_size="512MB",
+    fmt: str = "parquet",
+    workers: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    row_group_size=None,
+    log=print,
+) -> dict:
     """Pack ``src`` into shards under ``out`` (module docstring); returns the manifest. ``row_group_size``
     (parquet): bytes of files per row group, by default shard_size / 32 between 64KB and 8MB: the unit a
     partial read reads, so the row group two readers share stays small next to a shard."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}.")
-    if not os.path.isdir(os.path.expanduser(src)):
-        raise FileNotFoundError(f"{src!r} is not a folder; give the folder of images to pack.")
-    src, out = os.path.abspath(os.path.expanduser(src)), os.path.abspath(os.path.expanduser(out))
-    if out == src or out.startswith(os.path.join(src, "")):
-        raise ValueError(f"--out {out!r} is inside the folder being packed; write the shards elsewhere.")
+    src, out = _check_paths(src, out, fmt)
     shard_bytes = parse_size(shard_size)
-    group_bytes = parse_size(row_group_size) if row_group_size else min(8 * 2 ** 20, max(2 ** 16, shard_bytes // 32))
+    group_bytes = parse_size(row_group_size) if row_group_size else min(8 * 2**20, max(2**16, shard_bytes // 32))
     workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
     tasks, counts, names = plan_shards(src, out, shard_bytes, fmt, seed, shuffle, group_bytes)
     records = os.path.join(out, RECORDS)
@@ -303,6 +352,50 @@ def pack(src: str, out: str, shard_size="512MB", fmt: str = "parquet", workers: 
         results[(task.split, task.index)] = result
         _write_json(os.path.join(records, f"{task.split}-{task.index:05d}.json"), result)
 
+    _write_shards(todo, workers, record)
+    _remove_stale(out, counts, tasks, fmt)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "shard_format": fmt,
+        "source": src,
+        "order": {"shuffled": shuffle, "seed": seed},
+        "shard_size": shard_bytes,
+        "row_group_bytes": group_bytes if fmt == "parquet" else None,
+        "image_column": "image",
+        "columns": COLUMNS if fmt == "parquet" else WEBDATASET_MEMBERS,
+        "label_names": names,
+        "splits": {},
+        "skipped": [],
+    }
+    for split in counts:
+        shards = [results[(t.split, t.index)] for t in tasks if t.split == split]
+        manifest["skipped"] += [s for r in shards for s in r["skipped"]]
+        shards = [r["record"] for r in shards]
+        manifest["splits"][split] = {
+            "num_rows": sum(s["num_rows"] for s in shards),
+            "num_bytes": sum(s["bytes"] for s in shards),
+            "shards": shards,
+        }
+    _write_json(os.path.join(out, MANIFEST), manifest)
+    _report(manifest, log)
+    return manifest
+
+
+def _check_paths(src: str, out: str, fmt: str) -> tuple[str, str]:
+    """The absolute source and output folders; raise on a missing source or an output inside it."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}.")
+    if not os.path.isdir(os.path.expanduser(src)):
+        raise FileNotFoundError(f"{src!r} is not a folder; give the folder of images to pack.")
+    src, out = os.path.abspath(os.path.expanduser(src)), os.path.abspath(os.path.expanduser(out))
+    if out == src or out.startswith(os.path.join(src, "")):
+        raise ValueError(f"--out {out!r} is inside the folder being packed; write the shards elsewhere.")
+    return src, out
+
+
+def _write_shards(todo: list, workers: int, record) -> None:
+    """Write the shards of ``todo``, in ``workers`` processes, calling ``record(task, result)`` for each."""
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(min(workers, len(todo))) as pool:
             futures = {pool.submit(write_shard, t): t for t in todo}
@@ -315,33 +408,32 @@ def pack(src: str, out: str, shard_size="512MB", fmt: str = "parquet", workers: 
     else:
         for task in todo:
             record(task, write_shard(task))
-    for split in counts:  # shards of an earlier pack that this one does not have, temporary files of a crash
+
+
+def _remove_stale(out: str, counts: dict, tasks: list, fmt: str) -> None:
+    """Remove the shards of an earlier pack that this one does not have, and temporary files of a crash."""
+    for split in counts:
         folder = os.path.join(out, split)
         keep = {os.path.basename(t.path) for t in tasks if t.split == split}
         for entry in os.listdir(folder):
             stale = entry.startswith("shard-") and entry.endswith(FORMATS[fmt]) and entry not in keep
             if stale or (entry.startswith(".shard-") and ".tmp-" in entry):
                 os.remove(os.path.join(folder, entry))
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "shard_format": fmt, "source": src,
-                "order": {"shuffled": shuffle, "seed": seed}, "shard_size": shard_bytes,
-                "row_group_bytes": group_bytes if fmt == "parquet" else None, "image_column": "image",
-                "columns": COLUMNS if fmt == "parquet" else WEBDATASET_MEMBERS, "label_names": names, "splits": {},
-                "skipped": []}
-    for split in counts:
-        shards = [results[(t.split, t.index)] for t in tasks if t.split == split]
-        manifest["skipped"] += [s for r in shards for s in r["skipped"]]
-        shards = [r["record"] for r in shards]
-        manifest["splits"][split] = {"num_rows": sum(s["num_rows"] for s in shards),
-                                     "num_bytes": sum(s["bytes"] for s in shards), "shards": shards}
+
+
+def _report(manifest: dict, log) -> None:
     if manifest["skipped"]:
-        warnings.warn(f"{len(manifest['skipped'])} file(s) could not be read and were left out, e.g. "
-                      f"{manifest['skipped'][0]['path']} ({manifest['skipped'][0]['reason']}); the manifest lists them.",
-                      stacklevel=2)
-    _write_json(os.path.join(out, MANIFEST), manifest)
+        first = manifest["skipped"][0]
+        warnings.warn(
+            f"{len(manifest['skipped'])} file(s) could not be read and were left out, e.g. "
+            f"{first['path']} ({first['reason']}); the manifest lists them.",
+            stacklevel=3,
+        )
     for split, info in manifest["splits"].items():
-        log(f"{split}: {info['num_rows']} rows in {len(info['shards'])} {fmt} shard(s), "
-            f"{info['num_bytes'] / 1e6:.1f} MB")
-    return manifest
+        log(
+            f"{split}: {info['num_rows']} rows in {len(info['shards'])} {manifest['shard_format']} shard(s), "
+            f"{info['num_bytes'] / 1e6:.1f} MB"
+        )
 
 
 def _write_json(path: str, obj) -> None:
@@ -358,7 +450,8 @@ def verify(out: str, log=print) -> list[str]:
     returns one line per damaged or missing shard, naming it."""
     path = os.path.join(out, MANIFEST)
     try:
-        manifest = json.loads(open(path).read())
+        with open(path) as f:
+            manifest = json.loads(f.read())
     except OSError:
         raise FileNotFoundError(f"{out!r} has no {MANIFEST}: pack it with `fcmae data pack`.") from None
     problems, checked = [], 0
@@ -397,8 +490,12 @@ def verify(out: str, log=print) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str = "fcmae data pack") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_pack_arguments(parser)
     args = parser.parse_args(argv)
     return run_pack(args)
@@ -409,19 +506,35 @@ def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the output folder: <split>/shard-*.parquet|tar + manifest.json")
     parser.add_argument("--shard-size", default="512MB", help="bytes of files per shard (default: 512MB)")
     parser.add_argument("--format", default="parquet", choices=sorted(FORMATS), help="shard format (default: parquet)")
-    parser.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, CPUs)); "
-                        "the output does not depend on it")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="writer processes (default: min(8, CPUs)); the output does not depend on it",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the rows' order (default: 0)")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the listing's sorted order")
-    parser.add_argument("--row-group-size", default=None, help="parquet: bytes of files per row group, the unit "
-                        "of a partial read (default: shard size / 32, between 64KiB and 8MiB)")
+    parser.add_argument(
+        "--row-group-size",
+        default=None,
+        help="parquet: bytes of files per row group, the unit "
+        "of a partial read (default: shard size / 32, between 64KiB and 8MiB)",
+    )
 
 
 def run_pack(args) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
-        pack(args.src, args.out, args.shard_size, args.format, args.workers, args.seed, not args.no_shuffle,
-             args.row_group_size)
+        pack(
+            args.src,
+            args.out,
+            args.shard_size,
+            args.format,
+            args.workers,
+            args.seed,
+            not args.no_shuffle,
+            args.row_group_size,
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -429,8 +542,12 @@ def run_pack(args) -> int:
 
 
 def verify_main(argv: list[str] | None = None, prog: str = "fcmae data verify") -> int:
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description="Check a packed dataset's shards against its manifest "
-                                     "(size, sha256, parquet footer): names every damaged or missing shard.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description="Check a packed dataset's shards against its manifest "
+        "(size, sha256, parquet footer): names every damaged or missing shard.",
+    )
     parser.add_argument("dir")
     args = parser.parse_args(argv)
     try:

@@ -10,6 +10,7 @@ which warns naming the first bad files and raises past the limit), and the train
 `ok` flags of the batches it receives, on the device, with a `BadImageCounter` or `check_bad_fraction`
 on the reduced sums: worker counters never reach the main process.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,12 +65,15 @@ class TooManyBadFiles(ValueError, RuntimeError):
 def check_bad_fraction(num_bad: int, num_seen: int, max_bad_fraction: float) -> None:
     """Raise once more than max_bad_fraction of the images seen have failed. The check starts
     after MIN_SEEN images, or after ALL_BAD_AFTER if none has worked yet."""
-    if num_bad and ((num_seen >= MIN_SEEN and num_bad > max_bad_fraction * num_seen)
-                    or (num_bad == num_seen and num_seen > ALL_BAD_AFTER)):
+    if num_bad and (
+        (num_seen >= MIN_SEEN and num_bad > max_bad_fraction * num_seen)
+        or (num_bad == num_seen and num_seen > ALL_BAD_AFTER)
+    ):
         raise TooManyBadFiles(
             f"{num_bad} of {num_seen} images ({num_bad / num_seen:.1%}) could not be read (or had another channel "
             f"count than --in-chans), more than the allowed {max_bad_fraction:.1%}. The warnings above name the "
-            "first bad files. Fix or remove them, or raise DataConfig.max_bad_fraction (--max-bad-fraction).")
+            "first bad files. Fix or remove them, or raise DataConfig.max_bad_fraction (--max-bad-fraction)."
+        )
 
 
 class BadImageCounter:
@@ -108,12 +112,13 @@ class ImageSamples:
         self.num_seen += 1
         try:
             image = self.reader(value)
-        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...; read_array a ValueError
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError...; read_array a ValueError
             image, self.num_bad = None, self.num_bad + 1
             if len(self.bad_files) < MAX_NAMED:
                 self.bad_files.append(path_of(value) or f"#{index}")
                 more = " (further bad images are counted, not named)" if len(self.bad_files) == MAX_NAMED else ""
-                warnings.warn(f"Skipping unreadable image {self.bad_files[-1]}: {type(e).__name__}: {e}{more}")
+                what = f"{self.bad_files[-1]}: {type(e).__name__}: {e}{more}"
+                warnings.warn(f"Skipping unreadable image {what}", stacklevel=2)
         check_bad_fraction(self.num_bad, self.num_seen, self.max_bad_fraction)
         return image
 
@@ -129,8 +134,10 @@ class ImageSamples:
             other = (index + step) % len(self.hf)
             with contextlib.suppress(Exception):
                 return self.reader(self.hf[other]["image"]), other, False
-        raise TooManyBadFiles(f"Image {index} and the {tries - 1} after it could not be read (or had another channel "
-                              f"count than --in-chans), e.g. {self.bad_files[0]}. Check the data.")
+        raise TooManyBadFiles(
+            f"Image {index} and the {tries - 1} after it could not be read (or had another channel "
+            f"count than --in-chans), e.g. {self.bad_files[0]}. Check the data."
+        )
 
     def augment(self, image: Image.Image, epoch: int, index: int):
         """``transform(image)`` with the RNGs seeded from (seed, epoch, index)."""
@@ -162,8 +169,20 @@ class StreamingPretrainImages(ImageSamples, torch.utils.data.IterableDataset):
     returns the groups in stream order, whatever W. Each worker reads the whole stream but decodes
     only its own groups."""
 
-    def __init__(self, hf, transform, batch_size, num_batches, input_size, seed=0, rank=0,
-                 world_size=1, max_bad_fraction=0.01, reader=None, mean=IMAGENET_DEFAULT_MEAN):
+    def __init__(
+        self,
+        hf,
+        transform,
+        batch_size,
+        num_batches,
+        input_size,
+        seed=0,
+        rank=0,
+        world_size=1,
+        max_bad_fraction=0.01,
+        reader=None,
+        mean=IMAGENET_DEFAULT_MEAN,
+    ):
         super().__init__(hf, transform, seed, max_bad_fraction, reader)
         self.mean = list(mean or IMAGENET_DEFAULT_MEAN)
         self.batch_size, self.num_batches, self.input_size = batch_size, num_batches, input_size
@@ -185,8 +204,10 @@ class StreamingPretrainImages(ImageSamples, torch.utils.data.IterableDataset):
             if g % workers == worker:
                 yield from self._group(g * self.batch_size, group["image"])
         if g + 1 < self.num_batches:
-            raise RuntimeError(f"Rank {self.rank}'s stream ended after {g + 1} batches, but "
-                               f"{self.num_batches} were expected: is DataConfig.num_examples right?")
+            raise RuntimeError(
+                f"Rank {self.rank}'s stream ended after {g + 1} batches, but "
+                f"{self.num_batches} were expected: is DataConfig.num_examples right?"
+            )
 
     def _group(self, first, values):
         images = [self.decode(v, first + k) for k, v in enumerate(values)]

@@ -13,6 +13,7 @@ the prediction resized back to the original label map. An unreadable evaluation 
 all-ignored label (it scores nothing) and ``ok`` False. A label map that does not fit its image, or
 holds a value above the class count, is a user error (``LabelMapError``, a ValueError).
 """
+
 from __future__ import annotations
 
 import io
@@ -63,15 +64,24 @@ def class_names(num_classes: int, path: str | os.PathLike | None = None) -> list
         raise FileNotFoundError(f"--class-names file {path} does not exist.")
     names = [s.strip() for s in path.read_text().splitlines() if s.strip()]
     if len(names) != num_classes:
-        raise ValueError(f"{path} names {len(names)} classes but --num-classes is {num_classes}; give one name per "
-                         "line, in class order (the first line is label 1 in an ADE20K-style map).")
+        raise ValueError(
+            f"{path} names {len(names)} classes but --num-classes is {num_classes}; give one name per "
+            "line, in class order (the first line is label 1 in an ADE20K-style map)."
+        )
     return names
 
 
 # ----------------------------------------------------------------------------- sources
 
-def load_split(data: str, split: str, *, image_column: str | None = None, label_column: str | None = None,
-               dataset_config_name: str | None = None) -> datasets.Dataset:
+
+def load_split(
+    data: str,
+    split: str,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    dataset_config_name: str | None = None,
+) -> datasets.Dataset:
     """One split as a Dataset with columns ``image`` and ``label`` (both Image(decode=False)).
     ``data``: an ADE20K-layout folder, parquet/arrow files (a folder of split files, a file, a glob),
     or a Hub dataset id. ``split``: train or validation (ADE folders: training / validation)."""
@@ -82,8 +92,10 @@ def load_split(data: str, split: str, *, image_column: str | None = None, label_
     if is_local(data):
         builder, files = local_files(str(path), split)
         if builder == "imagefolder":
-            raise ValueError(f"{data!r} holds loose images but no images/ and annotations/ folders: lay it out as "
-                             "ADE20K (images/training/x.jpg + annotations/training/x.png) or give parquet files.")
+            raise ValueError(
+                f"{data!r} holds loose images but no images/ and annotations/ folders: lay it out as "
+                "ADE20K (images/training/x.jpg + annotations/training/x.png) or give parquet files."
+            )
         ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
     else:
         ds = load_hub(data, dataset_config_name, split)
@@ -96,8 +108,9 @@ def ade20k_split(root: Path, split: str) -> datasets.Dataset:
     folder = _ADE_SPLIT.get(split, split)
     image_dir, label_dir = root / "images" / folder, root / "annotations" / folder
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"No {image_dir}: an ADE20K-layout folder has images/{folder}/ and "
-                                f"annotations/{folder}/.")
+        raise FileNotFoundError(
+            f"No {image_dir}: an ADE20K-layout folder has images/{folder}/ and annotations/{folder}/."
+        )
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise FileNotFoundError(f"No images in {image_dir}.")
@@ -115,8 +128,10 @@ def ade20k_split(root: Path, split: str) -> datasets.Dataset:
 def check_same_size(image_path: str, label_path: str) -> None:
     with Image.open(image_path) as im, Image.open(label_path) as lab:  # headers only
         if im.size != lab.size:
-            raise LabelMapError(f"{label_path} is {lab.size[0]}x{lab.size[1]} but its image {image_path} is "
-                                f"{im.size[0]}x{im.size[1]}: a label map must have its image's size.")
+            raise LabelMapError(
+                f"{label_path} is {lab.size[0]}x{lab.size[1]} but its image {image_path} is "
+                f"{im.size[0]}x{im.size[1]}: a label map must have its image's size."
+            )
 
 
 def header_size(value) -> tuple[int, int] | None:
@@ -139,8 +154,10 @@ def _image_and_label(ds, image_column, label_column, source) -> datasets.Dataset
     image = image_column or next((c for c in typed + ["image", "img"] if c in columns and c != label), None)
     for what, name, flag in (("image", image, "--image-column"), ("label-map", label, "--label-column")):
         if name not in columns:
-            raise ValueError(f"{source!r} has no {what} column{f' {name!r}' if name else ''}. Available columns: "
-                             f"{columns}. Name it with {flag}.")
+            raise ValueError(
+                f"{source!r} has no {what} column{f' {name!r}' if name else ''}. Available columns: "
+                f"{columns}. Name it with {flag}."
+            )
     ds = ds.select_columns([image, label]).rename_columns({image: "_image", label: "_label"})
     ds = ds.rename_columns({"_image": "image", "_label": "label"})
     return ds.cast_column("image", ImageFeature(decode=False)).cast_column("label", ImageFeature(decode=False))
@@ -154,22 +171,27 @@ def decode_label(value, num_classes: int, reduce_zero_label: bool, where: str) -
             data = f.read()
     with Image.open(io.BytesIO(data)) as im:
         if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            raise LabelMapError(f"{where}: a label map holds one class index per pixel (a mode L or P PNG); this "
-                                f"one has mode {im.mode}. Convert colour-coded maps to indices first.")
+            raise LabelMapError(
+                f"{where}: a label map holds one class index per pixel (a mode L or P PNG); this "
+                f"one has mode {im.mode}. Convert colour-coded maps to indices first."
+            )
         raw = np.asarray(im).astype(np.int64)
     top = num_classes if reduce_zero_label else num_classes - 1
     bad = (raw > top) & (raw != IGNORE_INDEX)
     if bad.any():
         first, ignored = ("1", "0 and 255 are") if reduce_zero_label else ("0", "255 is")
-        raise LabelMapError(f"{where}: label value {raw[bad].max()} is above the {num_classes} classes (values "
-                            f"{first}..{top} are classes, {ignored} ignored). Fix the file or pass the right "
-                            "--num-classes.")
+        raise LabelMapError(
+            f"{where}: label value {raw[bad].max()} is above the {num_classes} classes (values "
+            f"{first}..{top} are classes, {ignored} ignored). Fix the file or pass the right "
+            "--num-classes."
+        )
     if reduce_zero_label:  # mmseg LoadAnnotations(reduce_zero_label=True)
         raw = np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
     return raw.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- transforms (mmseg's ADE20K pipeline)
+
 
 def rescale_size(h: int, w: int, long_max: float, short_max: float) -> tuple[int, int]:
     """mmcv.imrescale: the largest size keeping aspect with long side <= long_max, short <= short_max."""
@@ -229,8 +251,9 @@ def _normalise(image: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def train_transform(image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator,
-                    photometric: bool = True):
+def train_transform(
+    image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator, photometric: bool = True
+):
     """(H, W, 3) uint8 image and (H, W) uint8 label -> ((3, S, S) float, (S, S) long), mmseg's ADE20K
     training pipeline at crop S: RandomResize(scale (4S, S), ratio 0.5..2.0, keep aspect), RandomCrop
     (S, cat_max_ratio 0.75), RandomFlip(0.5), PhotoMetricDistortion, normalise, pad (image 0 after
@@ -244,20 +267,20 @@ def train_transform(image: np.ndarray, label: np.ndarray, size: int, rng: np.ran
 
     y, x = corner()
     for _ in range(CROP_TRIES):  # redraw crops where one class covers 75 % or more of the labelled pixels
-        values, counts = np.unique(label[y:y + size, x:x + size], return_counts=True)
+        values, counts = np.unique(label[y : y + size, x : x + size], return_counts=True)
         counts = counts[values != IGNORE_INDEX]
         if len(counts) > 1 and counts.max() / counts.sum() < CAT_MAX_RATIO:
             break
         y, x = corner()
-    image, label = image[y:y + size, x:x + size], label[y:y + size, x:x + size]
+    image, label = image[y : y + size, x : x + size], label[y : y + size, x : x + size]
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     image = np.ascontiguousarray(image)
     image = _normalise(photometric_distortion(image, rng) if photometric else image)
     out_image = torch.zeros(3, size, size)
     out_label = torch.full((size, size), IGNORE_INDEX, dtype=torch.long)
-    out_image[:, :image.shape[1], :image.shape[2]] = image
-    out_label[:label.shape[0], :label.shape[1]] = torch.from_numpy(np.ascontiguousarray(label)).long()
+    out_image[:, : image.shape[1], : image.shape[2]] = image
+    out_label[: label.shape[0], : label.shape[1]] = torch.from_numpy(np.ascontiguousarray(label)).long()
     return out_image, out_label
 
 
@@ -268,11 +291,21 @@ def eval_transform(image: np.ndarray, size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- dataset and loaders
 
+
 class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
     """``ds[(index, epoch)]`` or ``ds[index]``; see the module docstring for what a sample holds."""
 
-    def __init__(self, hf: datasets.Dataset, num_classes: int, input_size: int, train: bool, seed: int = 0,
-                 reduce_zero_label: bool = True, max_bad_fraction: float = 0.01, source: str = "data"):
+    def __init__(
+        self,
+        hf: datasets.Dataset,
+        num_classes: int,
+        input_size: int,
+        train: bool,
+        seed: int = 0,
+        reduce_zero_label: bool = True,
+        max_bad_fraction: float = 0.01,
+        source: str = "data",
+    ):
         super().__init__(hf, None, seed, max_bad_fraction)
         if not 1 < num_classes < IGNORE_INDEX:
             raise ValueError(f"--num-classes must be 2..254 (label maps are 8-bit, 255 is ignored); got {num_classes}.")
@@ -288,9 +321,11 @@ class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
         where = path_of(row["label"]) or f"{self.source} row {index}"
         label = decode_label(row["label"], self.num_classes, self.reduce_zero_label, where)
         if size is not None and tuple(size) != label.shape[::-1]:
-            raise LabelMapError(f"{where} is {label.shape[1]}x{label.shape[0]} but its image "
-                                f"{path_of(row['image']) or ''} is {size[0]}x{size[1]}: a label "
-                                "map must have its image's size.")
+            raise LabelMapError(
+                f"{where} is {label.shape[1]}x{label.shape[0]} but its image "
+                f"{path_of(row['image']) or ''} is {size[0]}x{size[1]}: a label "
+                "map must have its image's size."
+            )
         return label
 
     def check_labels(self, indices=None) -> None:
@@ -314,13 +349,21 @@ class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
         return (*train_transform(np.asarray(image), label, self.input_size, rng), ok)
 
 
-def build_train_loader(ds: SegmentationImages, batch_size: int, num_workers: int = 0, seed: int = 0,
-                       world_size: int = 1, pin_memory: bool = False) -> EpochLoader:
+def build_train_loader(
+    ds: SegmentationImages,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> EpochLoader:
     """(images (B, 3, S, S), labels (B, S, S) long, ok (B,)) batches in ``EpochSampler`` order, full
     batches only; call ``set_epoch``; ``accelerator.prepare`` shards it."""
     if len(ds) // world_size // batch_size == 0:
-        raise ValueError(f"{len(ds)} training images are too few for batch size {batch_size} on {world_size} "
-                         "process(es) (batches are full, the incomplete last one is dropped). Lower --batch-size.")
+        raise ValueError(
+            f"{len(ds)} training images are too few for batch size {batch_size} on {world_size} "
+            "process(es) (batches are full, the incomplete last one is dropped). Lower --batch-size."
+        )
     return epoch_loader(ds, batch_size, num_workers, seed, pin_memory)
 
 
@@ -330,10 +373,16 @@ def eval_collate(batch):
     return list(images), list(labels), torch.tensor(ok)
 
 
-def build_val_loader(ds: SegmentationImages, rank: int = 0, world_size: int = 1, batch_size: int = 1,
-                     num_workers: int = 0) -> torch.utils.data.DataLoader:
+def build_val_loader(
+    ds: SegmentationImages, rank: int = 0, world_size: int = 1, batch_size: int = 1, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
     """This process's share of the validation set, every image exactly once over all processes (indices
     rank, rank + world_size, ...; no padding). Do not pass it to ``accelerator.prepare``: sum the
     confusion matrices over processes instead (``accelerator.reduce(conf, 'sum')``)."""
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=list(range(rank, len(ds), world_size)),
-                                       num_workers=num_workers, collate_fn=eval_collate)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=list(range(rank, len(ds), world_size)),
+        num_workers=num_workers,
+        collate_fn=eval_collate,
+    )

@@ -20,6 +20,7 @@ Counting reads (tests, benchmarks): with ``FCMAE_COUNT_READS=DIR`` in the enviro
 file is opened through `CountingFile`, which appends ``name<TAB>bytes`` to ``DIR/reads-<pid>.tsv``
 when it is closed: DataLoader workers and other processes included (`read_counts(DIR)` sums them).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,7 +91,7 @@ class ShardSet:
         data = json.dumps([[s.name, s.num_rows] for s in self.shards])
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
-    def reader(self, index: int) -> "ShardReader":
+    def reader(self, index: int) -> ShardReader:
         shard = self.shards[index]
         if self.format == "parquet":
             return ParquetReader(shard, self.image_column)
@@ -98,6 +99,7 @@ class ShardSet:
 
 
 # ----------------------------------------------------------------------------- opening, retries, counting
+
 
 def retrying(fn, what: str, tries: int | None = None):
     """``fn()``, tried up to `TRIES` times with exponential backoff on OSError / timeouts; then a
@@ -111,7 +113,7 @@ def retrying(fn, what: str, tries: int | None = None):
         except RETRIABLE as e:
             if attempt + 1 == tries:
                 raise ShardError(f"{what}: {type(e).__name__}: {e} (after {tries} tries)") from e
-            time.sleep(RETRY_DELAY * 2 ** attempt)
+            time.sleep(RETRY_DELAY * 2**attempt)
 
 
 def url_to_fs(url: str):
@@ -154,7 +156,7 @@ class CountingFile(io.RawIOBase):
 
     def readinto(self, b):
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
     def seek(self, offset, whence=0):
@@ -202,6 +204,7 @@ def file_size(f) -> int:
 
 # ----------------------------------------------------------------------------- readers
 
+
 class ShardReader:
     """``rows(start, end)``: the sample values ({'bytes', 'path'} dicts) of rows [start, end) of one
     shard; ``close()``. Opening and every read are retried; a `ShardError` names the shard."""
@@ -211,7 +214,9 @@ class ShardReader:
 
     def _open(self):
         if self.f is None:
-            self.f = retrying(lambda: open_shard(self.shard.url, self.shard.name), f"cannot open shard {self.shard.url}")
+            self.f = retrying(
+                lambda: open_shard(self.shard.url, self.shard.name), f"cannot open shard {self.shard.url}"
+            )
         return self.f
 
     def _reopen(self):
@@ -244,14 +249,18 @@ class ParquetReader(ShardReader):
 
     def _metadata(self):
         if self.meta is None:
-            self.meta = retrying(lambda: read_footer(self._reopen(), self.shard.bytes),
-                                 f"cannot read the parquet footer of shard {self.shard.url}")
+            self.meta = retrying(
+                lambda: read_footer(self._reopen(), self.shard.bytes),
+                f"cannot read the parquet footer of shard {self.shard.url}",
+            )
             self.bounds = [0]
             for i in range(self.meta.num_row_groups):
                 self.bounds.append(self.bounds[-1] + self.meta.row_group(i).num_rows)
             if self.bounds[-1] != self.shard.num_rows:
-                raise ShardError(f"shard {self.shard.url} holds {self.bounds[-1]} rows, but {self.shard.num_rows} "
-                                 "were expected (the manifest or the file changed)")
+                raise ShardError(
+                    f"shard {self.shard.url} holds {self.bounds[-1]} rows, but {self.shard.num_rows} "
+                    "were expected (the manifest or the file changed)"
+                )
             owners: dict = {}
             for owner, a, b in self.ranges:
                 for g in range(len(self.bounds) - 1):
@@ -273,8 +282,9 @@ class ParquetReader(ShardReader):
         try:
             column = read()
         except RETRIABLE:
-            column = retrying(lambda: (self._reopen(), read())[1],
-                              f"cannot read row group {g} of shard {self.shard.url}", TRIES - 1)
+            column = retrying(
+                lambda: (self._reopen(), read())[1], f"cannot read row group {g} of shard {self.shard.url}", TRIES - 1
+            )
         values = [normalise(v, f"{self.shard.name}#{self.bounds[g] + i}") for i, v in enumerate(column.to_pylist())]
         if g in self.keep:
             self.kept[g] = values
@@ -350,7 +360,7 @@ class TarReader(ShardReader):
         self.tar, self.next_row, self.pending = None, 0, None
 
     def _start(self):
-        self.tar = tarfile.open(fileobj=self._open(), mode="r:")
+        self.tar = tarfile.open(fileobj=self._open(), mode="r:")  # noqa: SIM115 - read on, closed in close()
         self.next_row, self.pending = 0, None
 
     def _records(self, skip: bool):
@@ -382,8 +392,9 @@ class TarReader(ShardReader):
             while self.next_row < end:
                 record = self._records(skip=self.next_row < start)
                 if record is None:
-                    raise ValueError(f"shard {self.shard.url} ends after {self.next_row} records, "
-                                     f"{self.shard.num_rows} expected")
+                    raise ValueError(
+                        f"shard {self.shard.url} ends after {self.next_row} records, {self.shard.num_rows} expected"
+                    )
                 if self.next_row >= start:
                     out.append(self._value(*record))
                 self.next_row += 1
@@ -393,8 +404,9 @@ class TarReader(ShardReader):
             return read()
         except RETRIABLE:
             self.tar = None
-            return retrying(lambda: (setattr(self, "tar", None), read())[1],
-                            f"cannot read shard {self.shard.url}", TRIES - 1)
+            return retrying(
+                lambda: (setattr(self, "tar", None), read())[1], f"cannot read shard {self.shard.url}", TRIES - 1
+            )
         except tarfile.TarError as e:
             raise ValueError(f"shard {self.shard.url} is not a readable tar ({e})") from None
 
@@ -411,16 +423,18 @@ class TarReader(ShardReader):
 
 
 def count_tar_records(f) -> int:
-    tar = tarfile.open(fileobj=f, mode="r:")
+    """The number of samples (runs of members with the same key) of the tar file object ``f``."""
     keys, last = 0, None
-    for member in iter(tar.next, None):
-        k, _ = split_member(member.name) if member.isfile() else (None, "")
-        if k is not None and k != last:
-            keys, last = keys + 1, k
+    with tarfile.open(fileobj=f, mode="r:") as tar:  # closes the tar view only: ``f`` stays the caller's
+        for member in iter(tar.next, None):
+            k, _ = split_member(member.name) if member.isfile() else (None, "")
+            if k is not None and k != last:
+                keys, last = keys + 1, k
     return keys
 
 
 # ----------------------------------------------------------------------------- shard lists
+
 
 def discover(source: str, split: str = "train", image_column: str | None = None) -> ShardSet | None:
     """The shards of ``split`` of ``source`` (a folder with manifest.json, a folder / file / glob of
@@ -433,7 +447,7 @@ def discover(source: str, split: str = "train", image_column: str | None = None)
         return from_manifest(fs, root, split, image_column)
     if local:
         try:
-            builder, files = local_files(root, split)
+            _, files = local_files(root, split)
         except FileNotFoundError:
             return None
         files = [f for f in files if os.path.splitext(f)[1].lower() in SHARD_EXTENSIONS]
@@ -442,8 +456,9 @@ def discover(source: str, split: str = "train", image_column: str | None = None)
             found = [f for f in fs.find(root) if os.path.splitext(f)[1].lower() in SHARD_EXTENSIONS]
             by_split = split_files(root, found)
             if by_split and split not in by_split:
-                raise ValueError(f"{source!r} has no split {split!r} (found: {sorted(by_split)}); choose one with "
-                                 "--split.")
+                raise ValueError(
+                    f"{source!r} has no split {split!r} (found: {sorted(by_split)}); choose one with --split."
+                )
             files = by_split.get(split, [])
         else:
             files = sorted(fs.glob(root)) if any(c in root for c in "*?[") else [root] if fs.isfile(root) else []
@@ -466,20 +481,32 @@ def from_manifest(fs, root: str, split: str, image_column: str | None = None) ->
         raise ValueError(f"{path} is not an fcmae shard manifest (format {manifest.get('format')!r}).")
     splits = manifest["splits"]
     if split not in splits:
-        raise ValueError(f"{root!r} has no split {split!r} (its manifest lists {sorted(splits)}); choose one with "
-                         "--split.")
+        raise ValueError(
+            f"{root!r} has no split {split!r} (its manifest lists {sorted(splits)}); choose one with --split."
+        )
     column = manifest.get("image_column", "image")
     if image_column not in (None, column) and manifest["shard_format"] == "parquet":
-        raise ValueError(f"{root!r}: --image-column {image_column!r}, but its manifest says the images are in "
-                         f"column {column!r}.")
+        raise ValueError(
+            f"{root!r}: --image-column {image_column!r}, but its manifest says the images are in column {column!r}."
+        )
     local = isinstance(fs, LocalFileSystem)
-    shards = [Shard(posixpath.join(root, s["name"]) if local else fs.unstrip_protocol(posixpath.join(root, s["name"])),
-                    s["name"], s["num_rows"], s.get("bytes"), s.get("sha256"), s.get("row_groups"),
-                    s.get("row_group_bytes")) for s in splits[split]["shards"]]
+    shards = [
+        Shard(
+            posixpath.join(root, s["name"]) if local else fs.unstrip_protocol(posixpath.join(root, s["name"])),
+            s["name"],
+            s["num_rows"],
+            s.get("bytes"),
+            s.get("sha256"),
+            s.get("row_groups"),
+            s.get("row_group_bytes"),
+        )
+        for s in splits[split]["shards"]
+    ]
     if not shards or not sum(s.num_rows for s in shards):
         raise ValueError(f"{root!r}: split {split!r} has no rows.")
-    return ShardSet(shards, manifest["shard_format"], column, root, manifest.get("label_names"),
-                    manifest.get("columns", {}))
+    return ShardSet(
+        shards, manifest["shard_format"], column, root, manifest.get("label_names"), manifest.get("columns", {})
+    )
 
 
 def _footer_info(shard: Shard):
@@ -506,13 +533,18 @@ def _from_parquet(shards: list[Shard], source: str, image_column: str | None) ->
         groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
         shard.num_rows, shard.bytes = meta.num_rows, size
         shard.row_groups = [g.num_rows for g in groups]
-        shard.row_group_bytes = [g.total_compressed_size if hasattr(g, "total_compressed_size")
-                                 else sum(g.column(c).total_compressed_size for c in range(g.num_columns))
-                                 for g in groups]
+        shard.row_group_bytes = [
+            g.total_compressed_size
+            if hasattr(g, "total_compressed_size")
+            else sum(g.column(c).total_compressed_size for c in range(g.num_columns))
+            for g in groups
+        ]
         found = _image_column(meta.schema.to_arrow_schema(), image_column, shard.url)
         if column not in (None, found):
-            raise ValueError(f"{source!r}: shards name their image column differently ({column!r}, {found!r}); "
-                             "name it with --image-column.")
+            raise ValueError(
+                f"{source!r}: shards name their image column differently ({column!r}, {found!r}); "
+                "name it with --image-column."
+            )
         column = found
     if not sum(s.num_rows for s in shards):
         raise ValueError(f"The dataset {source!r} has no rows.")
@@ -523,8 +555,10 @@ def _image_column(schema: pa.Schema, requested: str | None, where: str) -> str:
     names = list(schema.names)
     if requested is not None:
         if requested not in names:
-            raise ValueError(f"{where} has no column {requested!r}. Available columns: {names}. Name the image column "
-                             "with --image-column.")
+            raise ValueError(
+                f"{where} has no column {requested!r}. Available columns: {names}. Name the image column "
+                "with --image-column."
+            )
         return requested
     typed = []
     try:
@@ -533,8 +567,10 @@ def _image_column(schema: pa.Schema, requested: str | None, where: str) -> str:
         pass
     column = (typed + [c for c in ("image", "img") if c in names] + [None])[0]
     if column is None:
-        raise ValueError(f"{where} has no column of datasets Image type or named 'image'/'img'. Available columns: "
-                         f"{names}. Name the image column with --image-column.")
+        raise ValueError(
+            f"{where} has no column of datasets Image type or named 'image'/'img'. Available columns: "
+            f"{names}. Name the image column with --image-column."
+        )
     return column
 
 
@@ -546,6 +582,7 @@ def _from_tars(shards: list[Shard], source: str, image_column: str | None) -> Sh
                 return file_size(f), count_tar_records(f)
             finally:
                 f.close()
+
         return retrying(read, f"cannot open shard {shard.url}")
 
     with ThreadPoolExecutor(min(16, len(shards))) as pool:
@@ -556,8 +593,9 @@ def _from_tars(shards: list[Shard], source: str, image_column: str | None) -> Sh
     return ShardSet(shards, "webdataset", "image", source)
 
 
-def hub_shards(name: str, config_name: str | None, split: str, image_column: str | None,
-               cache_dir: str | None = None) -> ShardSet | None:
+def hub_shards(
+    name: str, config_name: str | None, split: str, image_column: str | None, cache_dir: str | None = None
+) -> ShardSet | None:
     """A Hub dataset's parquet data files of ``split`` (``hf://datasets/...`` URLs) as shards, or None
     when the dataset is not stored as parquet (the datasets stream reads it). Needs the network."""
     import datasets
@@ -568,4 +606,3 @@ def hub_shards(name: str, config_name: str | None, split: str, image_column: str
         return None
     shards = [Shard(str(f), str(f).split("/", 4)[-1] if str(f).startswith("hf://") else str(f), 0) for f in files]
     return _from_parquet(shards, name, image_column)
-

@@ -1,6 +1,7 @@
 """Sources: a local image folder, .parquet/.arrow files, or a Hugging Face Hub dataset (map-style or
 streamed) -> a datasets object with one column 'image' of type Image(decode=False): {'bytes', 'path'}
 dicts, decoded later by fcmae.data.decode.decode_rgb. Local folders are listed by fcmae.data.listing."""
+
 from __future__ import annotations
 
 import glob
@@ -23,8 +24,13 @@ DEMO_DIR = Path(__file__).parents[1] / "assets" / "demo"
 def is_local(source: str) -> bool:
     """A Hub id is 'name' or 'owner/name'; anything else that looks like a path is a (maybe missing) path."""
     source = os.fspath(source)
-    return (os.path.exists(os.path.expanduser(source)) or glob.has_magic(source) or source.count("/") > 1
-            or source.startswith(("/", ".", "~")) or source.lower().endswith(TABLE_EXTENSIONS))
+    return (
+        os.path.exists(os.path.expanduser(source))
+        or glob.has_magic(source)
+        or source.count("/") > 1
+        or source.startswith(("/", ".", "~"))
+        or source.lower().endswith(TABLE_EXTENSIONS)
+    )
 
 
 def load_images(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
@@ -45,8 +51,13 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset | datasets.IterableDa
             ds = folder_dataset(files)
             ds = ds.to_iterable_dataset() if cfg.streaming else ds  # the file list is cheap to index first
         else:
-            ds = datasets.load_dataset(builder, data_files={cfg.train_split: files}, split=cfg.train_split,
-                                       streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+            ds = datasets.load_dataset(
+                builder,
+                data_files={cfg.train_split: files},
+                split=cfg.train_split,
+                streaming=cfg.streaming,
+                cache_dir=cfg.cache_dir,
+            )
         num = len(ds) if num is None else num
     else:
         ds = load_hub(source, cfg.dataset_config_name, cfg.train_split, cfg.streaming, cfg.cache_dir)
@@ -59,8 +70,9 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset | datasets.IterableDa
     return image_column(ds, cfg.image_column, source), num
 
 
-def folder_dataset(files: list[str], labels: list[int] | None = None,
-                   names: list[str] | None = None) -> datasets.Dataset:
+def folder_dataset(
+    files: list[str], labels: list[int] | None = None, names: list[str] | None = None
+) -> datasets.Dataset:
     """What datasets' imagefolder builder gives for these files, built in memory (no cache files):
     'image' {'bytes': None, 'path'} and, with labels, 'label' as a ClassLabel of ``names``."""
     paths = pa.array(list(files), pa.string())  # the arrow layout of Image: struct<bytes, path>
@@ -80,19 +92,28 @@ def count_rows(builder: str, files: list[str]) -> int:
     return sum(b.num_rows for f in files for b in pa.ipc.open_stream(pa.memory_map(f)))  # datasets' format
 
 
-def load_hub(name: str, config_name: str | None = None, split: str = "train", streaming: bool = False,
-             cache_dir: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
+def load_hub(
+    name: str,
+    config_name: str | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
     """A Hub dataset's split, with an error that says what to do when it cannot be had."""
     try:
         return datasets.load_dataset(name, config_name, split=split, streaming=streaming, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError) as e:
-        hint = ("Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local "
-                "cache: it needs network access, or a local copy" if datasets.config.HF_HUB_OFFLINE
-                else "Check the name, or use a local copy")
+        hint = (
+            "Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local "
+            "cache: it needs network access, or a local copy"
+            if datasets.config.HF_HUB_OFFLINE
+            else "Check the name, or use a local copy"
+        )
         raise RuntimeError(
             f"{name!r} is not a local path, so it was looked up as a Hugging Face Hub dataset, and "
             f"that failed ({type(e).__name__}: {e}). {hint}: an image folder or .parquet/.arrow files "
-            "given as data (--data).") from None
+            "given as data (--data)."
+        ) from None
 
 
 def image_column(ds, requested: str | None, source: str):
@@ -106,8 +127,10 @@ def image_column(ds, requested: str | None, source: str):
         column = (typed + [c for c in ("image", "img") if c in columns] + [None])[0]
     if column is None:
         wanted = f"column {requested!r}" if requested else "a column of datasets Image type or named 'image'/'img'"
-        raise ValueError(f"{source!r} has no {wanted}. Available columns: {columns}. "
-                         "Name the image column with DataConfig.image_column (--image-column).")
+        raise ValueError(
+            f"{source!r} has no {wanted}. Available columns: {columns}. "
+            "Name the image column with DataConfig.image_column (--image-column)."
+        )
     ds = ds.select_columns([column])
     if column != "image":
         ds = ds.rename_column(column, "image")

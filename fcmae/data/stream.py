@@ -41,6 +41,7 @@ partition, and yields bitwise the batches of the uninterrupted run (`StreamLoade
 Memory: each worker holds one block (w rows, still encoded) per partition it owns, and the parquet row
 groups its partitions share.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,8 +104,10 @@ class Plan:
 
     def resume_rows(self, step: int) -> list[tuple[int, int]]:
         """Per partition, (shard, row) where reading restarts at ``step``: the block holding step c."""
-        return [self.locate(p, (step * self.chunk // self.window) * self.window) if step < self.steps else (-1, -1)
-                for p in range(self.partitions)]
+        return [
+            self.locate(p, (step * self.chunk // self.window) * self.window) if step < self.steps else (-1, -1)
+            for p in range(self.partitions)
+        ]
 
 
 def plan(num_rows: list[int], seed: int, epoch: int, partitions: int, chunk: int, window: int) -> Plan:
@@ -131,14 +134,17 @@ def plan(num_rows: list[int], seed: int, epoch: int, partitions: int, chunk: int
 def readers_of(partitions: int, world_size: int, workers: int) -> list[list[int]]:
     """The partitions each reader (process, worker) owns: contiguous runs, process by process."""
     m = partitions // world_size
-    return [owned(list(range(r * m, (r + 1) * m)), i, max(1, workers))
-            for r in range(world_size) for i in range(min(m, max(1, workers)))]
+    return [
+        owned(list(range(r * m, (r + 1) * m)), i, max(1, workers))
+        for r in range(world_size)
+        for i in range(min(m, max(1, workers)))
+    ]
 
 
 def owned(mine: list[int], worker: int, workers: int) -> list[int]:
     """Worker ``worker`` of ``workers``'s contiguous run of a process's partitions ``mine``."""
     bounds = [len(mine) * i // workers for i in range(workers + 1)]
-    return mine[bounds[worker]:bounds[worker + 1]]
+    return mine[bounds[worker] : bounds[worker + 1]]
 
 
 def read_bytes(p: Plan, shards: ShardSet, readers: list[list[int]], first_step: int = 0) -> int | None:
@@ -172,6 +178,7 @@ def read_bytes(p: Plan, shards: ShardSet, readers: list[list[int]], first_step: 
 
 
 # ----------------------------------------------------------------------------- the workers' side
+
 
 class Unreadable:
     """A row whose shard could not be read: counted as a bad image; the shard is named once."""
@@ -211,8 +218,10 @@ class ReaderPool:
             except Exception as e:  # noqa: BLE001 - OSError after retries, a corrupt file (ValueError, ArrowInvalid)
                 self.broken.add(shard)
                 self.readers.pop(key).close()
-                self.warn(f"Shard {self.shards.shards[shard].url} could not be read ({type(e).__name__}: {e}); "
-                          "its rows count as unreadable images.")
+                self.warn(
+                    f"Shard {self.shards.shards[shard].url} could not be read ({type(e).__name__}: {e}); "
+                    "its rows count as unreadable images."
+                )
         return [Unreadable(f"{self.shards.shards[shard].name}#{row}") for row in range(a, z)]
 
     def release(self, shard: int, part: int) -> None:
@@ -271,9 +280,21 @@ class StreamChunks(ImageSamples, torch.utils.data.IterableDataset):
     stand-ins as `StreamingPretrainImages`: an unreadable row is counted and another image of the same
     chunk stands in."""
 
-    def __init__(self, shards: ShardSet, transform, partitions: int, chunk: int, window: int, input_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, max_bad_fraction: float = 0.01,
-                 reader: Reader | None = None, mean=None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        transform,
+        partitions: int,
+        chunk: int,
+        window: int,
+        input_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_bad_fraction: float = 0.01,
+        reader: Reader | None = None,
+        mean=None,
+    ):
         super().__init__(None, transform, seed, max_bad_fraction, reader)
         self.shards, self.partitions, self.chunk, self.window = shards, partitions, chunk, window
         self.input_size, self.mean = input_size, list(mean or IMAGENET_DEFAULT_MEAN)
@@ -332,19 +353,22 @@ class StreamChunks(ImageSamples, torch.utils.data.IterableDataset):
         good = [im for im in images if im is not None]
         if not good:  # a whole chunk unreadable: the mean in every pixel (zeros after normalisation)
             good = [self.reader.stand_in(self.input_size, self.mean)]
-        out = [self.augment(good[i % len(good)] if im is None else im, p.epoch, s)
-               for i, (im, s) in enumerate(zip(images, index))]
+        out = [
+            self.augment(good[i % len(good)] if im is None else im, p.epoch, s)
+            for i, (im, s) in enumerate(zip(images, index))
+        ]
         return out, [im is not None for im in images], index
 
 
 # ----------------------------------------------------------------------------- the main process's side
+
 
 class _Batches(torch.utils.data.IterableDataset):
     """The loader's batches as a dataset, so that ``accelerate.skip_first_batches(loader, n)`` still
     yields the right batches (it rebuilds a loader over ``loader.dataset``), reading and decoding the
     n skipped ones; `StreamLoader.start_at` skips them without reading."""
 
-    def __init__(self, loader: "StreamLoader"):
+    def __init__(self, loader: StreamLoader):
         self.loader = loader
 
     def __iter__(self):
@@ -364,10 +388,21 @@ class StreamLoader:
 
     batch_size, drop_last, num_workers, prefetch_factor = None, False, 0, None  # read by accelerate.skip_first_batches
 
-    def __init__(self, chunks: StreamChunks, workers: int = 0, pin_memory: bool = False, with_index: bool = False,
-                 timeout: float = 0):
-        self.chunks, self.workers, self.pin_memory, self.with_index, self.timeout = (chunks, workers, pin_memory,
-                                                                                     with_index, timeout)
+    def __init__(
+        self,
+        chunks: StreamChunks,
+        workers: int = 0,
+        pin_memory: bool = False,
+        with_index: bool = False,
+        timeout: float = 0,
+    ):
+        self.chunks, self.workers, self.pin_memory, self.with_index, self.timeout = (
+            chunks,
+            workers,
+            pin_memory,
+            with_index,
+            timeout,
+        )
         self.epoch, self._start = 0, (0, 0)
         self.dataset = _Batches(self)
 
@@ -392,7 +427,7 @@ class StreamLoader:
             self._start = (epoch, 0)
         self.epoch = epoch
 
-    def start_at(self, epoch: int, batch: int) -> "StreamLoader":
+    def start_at(self, epoch: int, batch: int) -> StreamLoader:
         """The next iteration yields batches ``batch``, ``batch`` + 1, ... of ``epoch``, reading only
         from the block that holds ``batch`` on. Returns the loader."""
         if not 0 <= batch <= len(self):
@@ -406,9 +441,14 @@ class StreamLoader:
         chunks = self.chunks
         chunks.set_epoch(epoch)
         chunks.start = start
-        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=self.workers,
-                                             pin_memory=self.pin_memory, timeout=self.timeout,
-                                             generator=torch.Generator().manual_seed(chunks.seed))
+        loader = torch.utils.data.DataLoader(
+            chunks,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            timeout=self.timeout,
+            generator=torch.Generator().manual_seed(chunks.seed),
+        )
         items = max(1, self.workers)  # one item per worker and step: its partitions' chunks, or None
         mine, k, parts, got = chunks.mine, start, [], 0
         for item in loader:
@@ -419,50 +459,82 @@ class StreamLoader:
                 continue
             covered = [(int(x[3]), int(x[4]) + i) for x in parts for i in range(int(x[5]))]
             if covered != [(k, part) for part in mine]:
-                raise RuntimeError(f"stream chunks out of order at step {k} of process {chunks.rank}: got (step, "
-                                   f"partition) {covered}; the DataLoader must hand worker outputs over in order")
+                raise RuntimeError(
+                    f"stream chunks out of order at step {k} of process {chunks.rank}: got (step, "
+                    f"partition) {covered}; the DataLoader must hand worker outputs over in order"
+                )
             images, ok, index = (torch.cat(x) if len(parts) > 1 else x[0] for x in list(zip(*parts))[:3])
             parts, got, k = [], 0, k + 1
             yield (images, ok, index) if self.with_index else (images, ok)
         if k != len(self):
-            raise RuntimeError(f"process {chunks.rank}'s stream ended after step {k} of {len(self)}; did the shards "
-                               "change while reading?")
+            raise RuntimeError(
+                f"process {chunks.rank}'s stream ended after step {k} of {len(self)}; did the shards "
+                "change while reading?"
+            )
 
     def state_dict(self, epoch: int, batch: int) -> dict:
         """What a checkpoint keeps to resume at micro-batch ``batch`` of ``epoch`` (plain types): the
         plan's facts and, per partition, the shard and row where reading restarts."""
         p = self.plan(epoch)
         shards = self.chunks.shards.shards
-        return {"format": STATE_FORMAT, "epoch": epoch, "batch": batch, "seed": self.chunks.seed,
-                "partitions": p.partitions, "chunk": p.chunk, "window": p.window, "global_batch": p.global_batch,
-                "steps": p.steps, "shards": self.chunks.shards.fingerprint(), "num_shards": len(shards),
-                "num_rows": self.chunks.shards.num_rows,
-                "resume": [[shards[s].name, row] if s >= 0 else None for s, row in p.resume_rows(batch)]}
+        return {
+            "format": STATE_FORMAT,
+            "epoch": epoch,
+            "batch": batch,
+            "seed": self.chunks.seed,
+            "partitions": p.partitions,
+            "chunk": p.chunk,
+            "window": p.window,
+            "global_batch": p.global_batch,
+            "steps": p.steps,
+            "shards": self.chunks.shards.fingerprint(),
+            "num_shards": len(shards),
+            "num_rows": self.chunks.shards.num_rows,
+            "resume": [[shards[s].name, row] if s >= 0 else None for s, row in p.resume_rows(batch)],
+        }
 
-    def load_state_dict(self, state: dict) -> "StreamLoader":
+    def load_state_dict(self, state: dict) -> StreamLoader:
         """Check a checkpoint's stream position against this loader and start at it. Another process
         or worker count works when it divides the checkpoint's partition count (the batches of every
         step then hold the same samples); anything else is refused with one line saying what to do."""
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"The checkpoint's data position is not a stream position ({state.get('format')!r}): "
-                             "it was written by a run without --streaming, or an older fcmae.")
+            raise ValueError(
+                f"The checkpoint's data position is not a stream position ({state.get('format')!r}): "
+                "it was written by a run without --streaming, or an older fcmae."
+            )
         shards = self.chunks.shards
-        checks = [("the data", state["shards"], shards.fingerprint(),
-                   f"{state['num_shards']} shards / {state['num_rows']} rows then, {len(shards.shards)} / "
-                   f"{shards.num_rows} now: resume with the same --data"),
-                  ("--seed", state["seed"], self.chunks.seed, "resume with the same --seed"),
-                  ("the global batch (--batch-size x processes)", state["global_batch"], self.global_batch,
-                   "keep --batch-size x processes equal to the checkpoint's"),
-                  ("the shuffle window (--stream-window)", state["window"], self.chunks.window,
-                   "resume with the same --stream-window")]
+        checks = [
+            (
+                "the data",
+                state["shards"],
+                shards.fingerprint(),
+                f"{state['num_shards']} shards / {state['num_rows']} rows then, {len(shards.shards)} / "
+                f"{shards.num_rows} now: resume with the same --data",
+            ),
+            ("--seed", state["seed"], self.chunks.seed, "resume with the same --seed"),
+            (
+                "the global batch (--batch-size x processes)",
+                state["global_batch"],
+                self.global_batch,
+                "keep --batch-size x processes equal to the checkpoint's",
+            ),
+            (
+                "the shuffle window (--stream-window)",
+                state["window"],
+                self.chunks.window,
+                "resume with the same --stream-window",
+            ),
+        ]
         for what, then, now, fix in checks:
             if then != now:
                 raise ValueError(f"Cannot resume the stream: {what} was {then}, now {now} ({fix}).")
         world, partitions = self.chunks.world_size, state["partitions"]
         if partitions % world:
-            raise ValueError(f"Cannot resume the stream on {world} processes: its {partitions} partitions "
-                             f"(--stream-partitions) must be a multiple of the process count; resume on a "
-                             f"divisor of {partitions} processes.")
+            raise ValueError(
+                f"Cannot resume the stream on {world} processes: its {partitions} partitions "
+                f"(--stream-partitions) must be a multiple of the process count; resume on a "
+                f"divisor of {partitions} processes."
+            )
         if partitions != self.partitions:
             self.chunks.partitions, self.chunks.chunk = partitions, state["global_batch"] // partitions
             self.chunks._plans = {}
@@ -470,12 +542,15 @@ class StreamLoader:
         saved = state["resume"]
         now = self.state_dict(state["epoch"], state["batch"])["resume"]
         if saved != now:
-            raise ValueError("Cannot resume the stream: this fcmae plans the epoch differently from the one that "
-                             "wrote the checkpoint (the rows where each partition resumes differ).")
+            raise ValueError(
+                "Cannot resume the stream: this fcmae plans the epoch differently from the one that "
+                "wrote the checkpoint (the rows where each partition resumes differ)."
+            )
         return self.start_at(state["epoch"], state["batch"])
 
 
 # ----------------------------------------------------------------------------- building
+
 
 def default_partitions(world_size: int, batch_size: int) -> int:
     """P = processes x gcd(per-process batch, 8): up to 8 readers per process, whatever the worker
@@ -485,17 +560,32 @@ def default_partitions(world_size: int, batch_size: int) -> int:
 
 def check_workers(per_rank: int, num_workers: int) -> None:
     if num_workers > per_rank:
-        warnings.warn(f"--num-workers {num_workers} is more than this process's {per_rank} stream partition(s): "
-                      f"{num_workers - per_rank} worker(s) will have nothing to read. Set --stream-partitions to a "
-                      f"multiple of processes x {num_workers} that divides the global batch, or use fewer workers.",
-                      stacklevel=3)
+        warnings.warn(
+            f"--num-workers {num_workers} is more than this process's {per_rank} stream partition(s): "
+            f"{num_workers - per_rank} worker(s) will have nothing to read. Set --stream-partitions to a "
+            f"multiple of processes x {num_workers} that divides the global batch, or use fewer workers.",
+            stacklevel=3,
+        )
 
 
-def build_stream_loader(shards: ShardSet, transform, batch_size: int, num_workers: int = 0, seed: int = 0,
-                        epoch: int = 0, rank: int = 0, world_size: int = 1, input_size: int = 224,
-                        partitions: int | None = None, window: int = 1024, max_bad_fraction: float = 0.01,
-                        reader: Reader | None = None, mean=None, pin_memory: bool = False,
-                        with_index: bool = False) -> StreamLoader:
+def build_stream_loader(
+    shards: ShardSet,
+    transform,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    input_size: int = 224,
+    partitions: int | None = None,
+    window: int = 1024,
+    max_bad_fraction: float = 0.01,
+    reader: Reader | None = None,
+    mean=None,
+    pin_memory: bool = False,
+    with_index: bool = False,
+) -> StreamLoader:
     """A `StreamLoader` of ``shards`` for process ``rank`` of ``world_size``, set to ``epoch``.
     ``partitions`` (P, default `default_partitions`) must be a multiple of world_size and divide the
     global batch batch_size x world_size."""
@@ -504,13 +594,17 @@ def build_stream_loader(shards: ShardSet, transform, batch_size: int, num_worker
     partitions = default_partitions(world_size, batch_size) if default else partitions
     flag = "" if default else f" (--stream-partitions {partitions})"
     if partitions < 1 or partitions % world_size or global_batch % partitions:
-        raise ValueError(f"{partitions} stream partitions{flag} must be a multiple of the {world_size} process(es) "
-                         f"and divide the global batch {global_batch} (--batch-size {batch_size} x {world_size}).")
+        raise ValueError(
+            f"{partitions} stream partitions{flag} must be a multiple of the {world_size} process(es) "
+            f"and divide the global batch {global_batch} (--batch-size {batch_size} x {world_size})."
+        )
     if window < 1:
         raise ValueError(f"--stream-window must be at least 1, got {window}.")
     if shards.num_rows // global_batch == 0:
-        raise ValueError(f"{shards.num_rows} images are too few for batch size {batch_size} on {world_size} "
-                         "process(es) (batches are full, and the incomplete last one is dropped). Lower the batch size.")
+        raise ValueError(
+            f"{shards.num_rows} images are too few for batch size {batch_size} on {world_size} "
+            "process(es) (batches are full, and the incomplete last one is dropped). Lower the batch size."
+        )
     chunk = global_batch // partitions
     check_workers(partitions // world_size, num_workers)
     groups = readers_of(partitions, world_size, num_workers)
@@ -520,12 +614,16 @@ def build_stream_loader(shards: ShardSet, transform, batch_size: int, num_worker
         amp = f"about {read / total:.2f}x" if total and read is not None else "unknown"
         spans = [{piece.shard for part in g for piece in p0.pieces[part]} for g in groups]
         most = max(sum(s in span for span in spans) for s in range(len(shards.shards)))
-        warnings.warn(f"{len(shards.shards)} shard(s) for {len(groups)} readers ({world_size} process(es) x "
-                      f"{len(groups) // world_size} worker(s)): neighbouring readers share shards, a shard is read by "
-                      f"up to {most} readers (parquet: only the row groups each needs); read amplification {amp} this "
-                      "epoch. More, smaller shards avoid it (fcmae data pack --shard-size).", stacklevel=2)
-    chunks = StreamChunks(shards, transform, partitions, chunk, window, input_size, seed, rank, world_size,
-                          max_bad_fraction, reader, mean)
+        warnings.warn(
+            f"{len(shards.shards)} shard(s) for {len(groups)} readers ({world_size} process(es) x "
+            f"{len(groups) // world_size} worker(s)): neighbouring readers share shards, a shard is read by "
+            f"up to {most} readers (parquet: only the row groups each needs); read amplification {amp} this "
+            "epoch. More, smaller shards avoid it (fcmae data pack --shard-size).",
+            stacklevel=2,
+        )
+    chunks = StreamChunks(
+        shards, transform, partitions, chunk, window, input_size, seed, rank, world_size, max_bad_fraction, reader, mean
+    )
     loader = StreamLoader(chunks, num_workers, pin_memory, with_index)
     loader.set_epoch(epoch)
     return loader

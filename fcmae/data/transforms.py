@@ -2,6 +2,7 @@
 PIL images (fcmae.data.decode.to_rgb), outputs normalised float tensors (3, S, S); ``mean``/``std``
 default to ImageNet's. `by_input` pairs each with its array version (fcmae.data.arrays) for
 N-channel samples: the same geometry, no colour operations."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,55 +46,83 @@ def by_input(kind: str, input_size: int, mean=None, std=None, **kwargs) -> ByInp
     if kind == "pretrain":
         return ByInput(rgb and pretrain_transform(input_size, mean, std), array_train_transform(input_size, mean, std))
     if kind == "train":
-        image = rgb and train_transform(input_size, kwargs["aa"], kwargs["reprob"],
-                                        color_jitter=kwargs.get("color_jitter"), mean=mean, std=std)
+        image = rgb and train_transform(
+            input_size, kwargs["aa"], kwargs["reprob"], color_jitter=kwargs.get("color_jitter"), mean=mean, std=std
+        )
         return ByInput(image, array_train_transform(input_size, mean, std, (0.08, 1.0), kwargs["reprob"]))
     if kind == "eval":
         crop_pct = kwargs.get("crop_pct")
-        return ByInput(rgb and eval_transform(input_size, crop_pct, mean, std),
-                       array_eval_transform(input_size, mean, std, crop_pct))
+        return ByInput(
+            rgb and eval_transform(input_size, crop_pct, mean, std),
+            array_eval_transform(input_size, mean, std, crop_pct),
+        )
     raise ValueError(f"kind must be pretrain, train or eval; got {kind!r}.")
 
 
 def pretrain_transform(input_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """FCMAE augmentation: RandomResizedCrop(scale 0.2..1, bicubic), flip, normalisation."""
     if input_size <= 0 or input_size % 32:
-        raise ValueError(f"input_size must be a positive multiple of 32 (the encoder's total stride "
-                         f"and the mask patch size), got {input_size}.")
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=_BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+        raise ValueError(
+            f"input_size must be a positive multiple of 32 (the encoder's total stride "
+            f"and the mask patch size), got {input_size}."
+        )
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=_BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
-def train_transform(input_size: int, aa: str | None, reprob: float, remode: str = "pixel", recount: int = 1,
-                    color_jitter: float | None = 0.4, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+def train_transform(
+    input_size: int,
+    aa: str | None,
+    reprob: float,
+    remode: str = "pixel",
+    recount: int = 1,
+    color_jitter: float | None = 0.4,
+    mean=IMAGENET_DEFAULT_MEAN,
+    std=IMAGENET_DEFAULT_STD,
+):
     """timm's ImageNet training transform: RandomResizedCrop (bicubic), flip, RandAugment ``aa``,
     normalisation, RandomErasing (probability ``reprob``, per-pixel noise). ``color_jitter`` applies
     only without ``aa`` (timm switches it off under RandAugment, as the official recipe expects).
     Posterize keeping 0 bits gives a black image, as it always did (see `posterize`)."""
-    tf = create_transform(input_size, is_training=True, auto_augment=aa or None, interpolation="bicubic",
-                          re_prob=reprob, re_mode=remode, re_count=recount, color_jitter=color_jitter,
-                          mean=tuple(mean), std=tuple(std))
+    tf = create_transform(
+        input_size,
+        is_training=True,
+        auto_augment=aa or None,
+        interpolation="bicubic",
+        re_prob=reprob,
+        re_mode=remode,
+        re_count=recount,
+        color_jitter=color_jitter,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
     return _with_zero_bit_posterize(tf)
 
 
-def eval_transform(input_size: int, crop_pct: float | None = None, mean=IMAGENET_DEFAULT_MEAN,
-                   std=IMAGENET_DEFAULT_STD):
+def eval_transform(
+    input_size: int, crop_pct: float | None = None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+):
     """Below 384 px: resize the short side to ``input_size / crop_pct`` then centre crop; at 384 and
     above: resize straight to ``input_size`` x ``input_size`` (no crop). Bicubic, then ``mean``/``std``.
     ``crop_pct=1``: resize the short side to ``input_size``, centre crop (FCMAE's reconstructions)."""
     if input_size >= 384 and crop_pct is None:
         resize = [transforms.Resize((input_size, input_size), interpolation=_BICUBIC)]
     else:
-        resize = [transforms.Resize(int(input_size / (crop_pct or EVAL_CROP_PCT)), interpolation=_BICUBIC),
-                  transforms.CenterCrop(input_size)]
+        resize = [
+            transforms.Resize(int(input_size / (crop_pct or EVAL_CROP_PCT)), interpolation=_BICUBIC),
+            transforms.CenterCrop(input_size),
+        ]
     return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- RandAugment's posterize
+
 
 def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
     """timm's posterize, defined for 0 bits kept (and fewer): the black image.

@@ -5,6 +5,7 @@ Parameter names follow timm's ConvNeXt (``stem.0``, ``stages.i.downsample.1``,
 ``head.norm``, ``head.fc``), with the MLP stored as Linear layers in every size, so timm weights load
 by renaming alone. V1 and V2 differ by two flags: layer scale (V1) and GRN (V2).
 """
+
 from __future__ import annotations
 
 import functools
@@ -101,8 +102,16 @@ class ConvNeXt(nn.Module):
     """ConvNeXt V1/V2 classifier on (N, in_chans, H, W) images. ``forward_features`` gives the final map
     (N, C4, H/32, W/32)."""
 
-    def __init__(self, cfg: ConvNeXtConfig, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
-                 head_init_scale: float = 1.0, drop_rate: float = 0.0, name: str | None = None):
+    def __init__(
+        self,
+        cfg: ConvNeXtConfig,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        head_init_scale: float = 1.0,
+        drop_rate: float = 0.0,
+        name: str | None = None,
+    ):
         super().__init__()
         self.cfg, self.name = cfg, name
         self.in_chans = in_chans  # image channels the stem takes (3 for RGB; any count, as in timm)
@@ -117,12 +126,12 @@ class ConvNeXt(nn.Module):
         dp = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # works under a meta device
         stages, start, in_dim = [], 0, cfg.dims[0]
         for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
-            stages.append(Stage(in_dim, dim, depth, dp[start:start + depth], cfg, first=i == 0))
+            stages.append(Stage(in_dim, dim, depth, dp[start : start + depth], cfg, first=i == 0))
             start, in_dim = start + depth, dim
         self.stages = nn.Sequential(*stages)
         self.head = Head(self.num_features, num_classes, drop_rate)
         self.total_stride = p * 2 ** (len(cfg.dims) - 1)
-        self.feature_info = [dict(num_chs=d, reduction=p * 2 ** i, module=f"stages.{i}") for i, d in enumerate(cfg.dims)]
+        self.feature_info = [dict(num_chs=d, reduction=p * 2**i, module=f"stages.{i}") for i, d in enumerate(cfg.dims)]
         self.apply(_init_weights)
         if isinstance(self.head.fc, nn.Linear):
             self.head.fc.weight.data.mul_(head_init_scale)
@@ -131,13 +140,16 @@ class ConvNeXt(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         s, name = self.total_stride, self.name or "ConvNeXt"
         if x.ndim == 4 and x.shape[1] != self.in_chans:
-            raise ValueError(f"{name} was built for {self.in_chans}-channel images; got shape {tuple(x.shape)}. "
-                             f"Create the model with in_chans={x.shape[1]}, or give it {self.in_chans}-channel input.")
+            raise ValueError(
+                f"{name} was built for {self.in_chans}-channel images; got shape {tuple(x.shape)}. "
+                f"Create the model with in_chans={x.shape[1]}, or give it {self.in_chans}-channel input."
+            )
         if x.ndim != 4 or x.shape[-2] % s or x.shape[-1] % s:
             raise ValueError(
                 f"{name} takes (N, {self.in_chans}, H, W) images with H and W multiples of {s}; "
                 f"got shape {tuple(x.shape)}. Resize or crop the input to a multiple of {s} "
-                f"(e.g. {max(s, x.shape[-2] // s * s)}x{max(s, x.shape[-1] // s * s)}).")
+                f"(e.g. {max(s, x.shape[-2] // s * s)}x{max(s, x.shape[-1] // s * s)})."
+            )
 
     grad_checkpointing = False
 

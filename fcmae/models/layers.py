@@ -1,4 +1,5 @@
 """Small layers shared by every ConvNeXt variant: GRN, channels-first LayerNorm, the MLP."""
+
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,8 @@
 """Model registry: ``@register_model`` entry points, ``create_model`` and ``list_models``."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -30,10 +31,21 @@ def model_entry(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
-def create_model(name: str, num_classes: int = 1000, drop_path_rate: float = 0.0, head_init_scale: float = 1.0,
-                 in_chans: int = 3, **kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    drop_path_rate: float = 0.0,
+    head_init_scale: float = 1.0,
+    in_chans: int = 3,
+    **kwargs,
+) -> nn.Module:
     """Build a registered model with fresh weights (std 0.02 truncated normal, zero biases).
     ``in_chans``: image channels the stem takes (3 for RGB); to start such a model from RGB weights,
     see ``fcmae.weights.adapt.adapt_stem``."""
-    return model_entry(name)(num_classes=num_classes, drop_path_rate=drop_path_rate,
-                             head_init_scale=head_init_scale, in_chans=in_chans, **kwargs)
+    return model_entry(name)(
+        num_classes=num_classes,
+        drop_path_rate=drop_path_rate,
+        head_init_scale=head_init_scale,
+        in_chans=in_chans,
+        **kwargs,
+    )

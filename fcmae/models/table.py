@@ -14,6 +14,7 @@ published for it. The command exits with status 1 if any figure is off, i.e. mor
 from the published one *and* not equal to it at the published precision (the ConvNeXt V1 paper
 gives "22M" for ConvNeXt-S (iso.): 22.31M is that figure, though 1.4 % away from 22).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ PUBLISHED: dict[str, dict[str, str]] = {
 }
 TOLERANCE = 0.01
 
+
 def meta_model(name: str, **kwargs) -> torch.nn.Module:
     """The model with parameters on the meta device: shapes without memory or initialisation."""
     with torch.device("meta"):
@@ -66,8 +68,11 @@ def count_flops(name: str, size: int) -> int:
 
     model = meta_model(name, num_classes=1000).eval()
     norm_elements = []
-    hooks = [m.register_forward_hook(lambda m, args, out: norm_elements.append(args[0].numel()))
-             for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: norm_elements.append(args[0].numel()))
+        for m in model.modules()
+        if isinstance(m, torch.nn.LayerNorm)
+    ]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.empty(1, 3, size, size, device="meta"))
     for hook in hooks:
@@ -83,7 +88,7 @@ def compare(ours: float, published: str) -> tuple[float, str]:
     if abs(rel) <= TOLERANCE:
         return rel, "yes"
     decimals = len(published.partition(".")[2])
-    return rel, "rounding" if abs(ours - pub) <= 0.5 * 10 ** -decimals + 1e-12 else "NO"
+    return rel, "rounding" if abs(ours - pub) <= 0.5 * 10**-decimals + 1e-12 else "NO"
 
 
 def table(pattern: str = "*", sizes: tuple[int, ...] = (224, 384, 512), log=None) -> list[dict]:
@@ -96,8 +101,16 @@ def table(pattern: str = "*", sizes: tuple[int, ...] = (224, 384, 512), log=None
             ours = count_params(name) / 1e6 if size is None else count_flops(name, size) / 1e9
             published = pub.get("params" if size is None else str(size))
             rel, verdict = compare(ours, published) if published else (None, "unpublished")
-            rows.append(dict(model=name, quantity=label, ours=round(ours, 4), published=published,
-                             rel_diff=rel, within_1pct=verdict))
+            rows.append(
+                dict(
+                    model=name,
+                    quantity=label,
+                    ours=round(ours, 4),
+                    published=published,
+                    rel_diff=rel,
+                    within_1pct=verdict,
+                )
+            )
             if log:
                 log(_format_row(rows[-1]))
     return rows
@@ -105,8 +118,10 @@ def table(pattern: str = "*", sizes: tuple[int, ...] = (224, 384, 512), log=None
 
 def _format_row(r: dict) -> str:
     rel = f"{100 * r['rel_diff']:+.2f}%" if r["rel_diff"] is not None else "-"
-    return (f"{r['model']:26s} {r['quantity']:12s} {r['ours']:10.3f} {r['published'] or '-':>9s} "
-            f"{rel:>8s}  {r['within_1pct']}")
+    return (
+        f"{r['model']:26s} {r['quantity']:12s} {r['ours']:10.3f} {r['published'] or '-':>9s} "
+        f"{rel:>8s}  {r['within_1pct']}"
+    )
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

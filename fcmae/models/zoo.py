@@ -1,4 +1,5 @@
 """The registered sizes (ConvNeXt V2 paper, Table; ConvNeXt V1 paper) as three-line entry points."""
+
 from __future__ import annotations
 
 from .convnext import ConvNeXt, ConvNeXtConfig

@@ -2,6 +2,7 @@
 A backend is a function ``forward_encoder(encoder, imgs, mask, grid, num_visible=None) -> (N, C4, h, w)``
 (``num_visible``: patches kept per sample, when the caller knows it); none owns
 parameters, so every backend computes with the dense model's own weights."""
+
 from __future__ import annotations
 
 from .masking import count_visible, gen_random_mask, keep_indices, keep_map, num_keep, patchify, unpatchify
@@ -21,5 +22,14 @@ def get_backend(name: str):
     return forward_encoder
 
 
-__all__ = ["BACKENDS", "count_visible", "gen_random_mask", "get_backend", "keep_indices", "keep_map", "num_keep", "patchify",
-           "unpatchify"]
+__all__ = [
+    "BACKENDS",
+    "count_visible",
+    "gen_random_mask",
+    "get_backend",
+    "keep_indices",
+    "keep_map",
+    "num_keep",
+    "patchify",
+    "unpatchify",
+]

@@ -1,6 +1,7 @@
 """``dense`` backend: the readable reference. Every op runs on the full grid; masked sites are zeroed
 before each spatial op and excluded from GRN statistics, which is exactly what a submanifold sparse
 network computes at the visible sites."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,14 @@ def _block(blk, x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None 
     return (x + blk.drop(y.permute(0, 3, 1, 2), scale)) * keep
 
 
-def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
-                    num_visible: int | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
+def forward_encoder(
+    encoder,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    grid: tuple[int, int],
+    num_visible: int | None = None,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches. ``scales`` (N, blocks): per-sample drop-path factors."""
     x, i = encoder.stem(imgs), 0  # non-overlapping: masking its output suffices

@@ -4,6 +4,7 @@ sample, so no ragged batches), each an f x f block of sites at the current stage
 Only the depthwise convolution sees a grid: tokens are scattered into a zero-filled map, convolved,
 and gathered back. The stem and the 2x2 downsamples act within a patch, so they run on tokens as
 matrix products. Parameters are the dense model's own; nothing is copied."""
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,7 @@ def _stem(stem, imgs: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) ->
     any channel count works."""
     conv = stem[0]
     s = conv.stride[0]
-    n, c, H, W = imgs.shape
+    n, c, H, _ = imgs.shape
     (h, w), p = grid, H // grid[0]
     f = p // s
     x = imgs.reshape(n, c, h, f, s, w, f, s).permute(0, 2, 5, 3, 6, 1, 4, 7).reshape(n, h * w, f, f, c * s * s)
@@ -61,8 +62,9 @@ def _downsample(ds, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, conv.bias)
 
 
-def _block(blk, x: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int],
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+def _block(
+    blk, x: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int], scale: torch.Tensor | None = None
+) -> torch.Tensor:
     y = from_grid(blk.conv_dw(to_grid(x, ids, grid)), ids, grid)
     y = blk.mlp(blk.norm(y))  # GRN's norm runs over the (V, f, f) visible sites of each sample
     if blk.gamma is not None:
@@ -70,8 +72,14 @@ def _block(blk, x: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int],
     return x + blk.drop(y, scale)
 
 
-def forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
-                    num_visible: int | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
+def forward_encoder(
+    encoder,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    grid: tuple[int, int],
+    num_visible: int | None = None,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove -> (N, C4, h, w), zero at masked patches.
     ``num_visible``: patches kept per sample when known (avoids a host sync). ``scales`` (N, blocks):
     per-sample drop-path factors."""

@@ -6,12 +6,13 @@ index), computed by the data layer) and the stream (masks, drop path). A sample 
 mask and drop path however the batch is split over processes: what makes a checkpoint resumable on
 another number of processes with the same samples and draws at every step.
 """
+
 from __future__ import annotations
 
 import torch
 from einops import rearrange
 
-_MOD = 2 ** 31 - 1  # hash arithmetic modulo a Mersenne prime: every product of two residues fits in int64
+_MOD = 2**31 - 1  # hash arithmetic modulo a Mersenne prime: every product of two residues fits in int64
 _ROUNDS = ((48271, 12345), (69621, 98765), (16807, 55555), (39373, 24680))  # Park-Miller-family multipliers
 STREAM_MASK, STREAM_DROP_PATH = 1, 2
 
@@ -32,7 +33,7 @@ def sample_keys(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
     """(N,) int64 keys of the samples with global indices ``index`` (N,) in ``epoch`` of a run seeded
     ``seed``: the key ``keyed_hash`` draws each sample's masks and drop path from."""
     index = torch.as_tensor(index, dtype=torch.int64)
-    return (index * 2_147_483_629 + (epoch * 1_000_033 + seed * 999_983) % _MOD) % (2 ** 62)
+    return (index * 2_147_483_629 + (epoch * 1_000_033 + seed * 999_983) % _MOD) % (2**62)
 
 
 def keyed_uniform(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
@@ -45,13 +46,21 @@ def num_keep(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
-def gen_random_mask(n: int, num_patches: int, mask_ratio: float, device=None,
-                    generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+def gen_random_mask(
+    n: int,
+    num_patches: int,
+    mask_ratio: float,
+    device=None,
+    generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Random per-sample mask (N, L), 0 keep / 1 remove, keeping ``int(L * (1 - ratio))`` patches:
     from torch's RNG (or ``generator``), or with ``keys`` (N,) from each sample's own key."""
     keep = num_keep(num_patches, mask_ratio)
     if keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {num_patches}; use a lower ratio or larger images.")
+        raise ValueError(
+            f"mask_ratio {mask_ratio} keeps no patch of {num_patches}; use a lower ratio or larger images."
+        )
     if keys is not None:
         noise = keyed_hash(keys, num_patches, STREAM_MASK)
     else:

@@ -24,6 +24,7 @@ forward builds its own ME coordinate manager with torch's thread count (ME's def
 OpenMP thread count to the number of cores on every construction). MinkowskiEngine is imported on
 first use, never by ``import fcmae``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -177,15 +178,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _forward_encoder(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
-                     num_visible: int | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
+def _forward_encoder(
+    encoder,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    grid: tuple[int, int],
+    num_visible: int | None = None,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches. ``num_visible`` is accepted for the backend interface and
     not needed: sparse tensors hold any number of sites per sample. ``scales`` (N, blocks): per-sample
     drop-path factors."""
     if encoder.grad_checkpointing:
-        raise ValueError("--grad-checkpointing does not run with --backend minkowski (its sparse tensors cannot be "
-                         "recomputed by torch.utils.checkpoint); use --backend gather, the fast one.")
+        raise ValueError(
+            "--grad-checkpointing does not run with --backend minkowski (its sparse tensors cannot be "
+            "recomputed by torch.utils.checkpoint); use --backend gather, the fast one."
+        )
     ME = import_minkowski()
     n = imgs.shape[0]
     h, w = grid

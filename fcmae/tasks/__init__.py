@@ -2,6 +2,7 @@
 presets), ``model``, ``loop`` (the training loop over fcmae.training), ``evaluation``, ``artifact``
 (what it saves, how it loads back and exports; its artifact kind registered in
 fcmae.weights.artifacts) and ``predict``. A new task is a copy of one folder (docs/architecture.md)."""
+
 from __future__ import annotations
 
 import importlib

@@ -13,6 +13,7 @@ stated once, there), a preset the entry point picks (the demo, the linear probe)
 booleans take ``--flag`` / ``--no-flag`` or an explicit ``--flag true|false``. A renamed field keeps
 its old name as a deprecated alias (``ALIASES``), with its old meaning.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,19 +24,36 @@ import sys
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import yaml
 from tqdm.auto import tqdm
 
 from ..data.config import DataConfig, help_field
-from ..weights.card import CONFIG_SECTIONS, flatten_config as flatten
+from ..weights.card import CONFIG_SECTIONS
+from ..weights.card import flatten_config as flatten
 
-__all__ = ["Alias", "Config", "DataConfig", "EncoderConfig", "OptimConfig", "RunConfig", "RuntimeConfig",
-           "ScheduleConfig", "build", "cli", "exit_on_user_error", "flatten", "help_field", "load_yaml", "parse_args",
-           "save_yaml"]
+__all__ = [
+    "Alias",
+    "Config",
+    "DataConfig",
+    "EncoderConfig",
+    "OptimConfig",
+    "RunConfig",
+    "RuntimeConfig",
+    "ScheduleConfig",
+    "build",
+    "cli",
+    "exit_on_user_error",
+    "flatten",
+    "help_field",
+    "load_yaml",
+    "parse_args",
+    "save_yaml",
+]
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 SECTION_NAMES = CONFIG_SECTIONS[:-1]
@@ -44,12 +62,17 @@ SECTION_NAMES = CONFIG_SECTIONS[:-1]
 @dataclass
 class EncoderConfig:
     model: str | None = help_field("registered model name (fcmae.list_models(); default: the one --from-fcmae holds)")
-    from_fcmae: str | None = help_field("pretrained encoder: a pretraining run dir, encoder/fcmae.safetensors, a "
-                                        "checkpoint dir, an official/timm/transformers checkpoint, hf-hub:owner/name; "
-                                        "none: from scratch")
+    from_fcmae: str | None = help_field(
+        "pretrained encoder: a pretraining run dir, encoder/fcmae.safetensors, a "
+        "checkpoint dir, an official/timm/transformers checkpoint, hf-hub:owner/name; "
+        "none: from scratch"
+    )
     drop_path: float = help_field("stochastic depth rate, growing linearly over the blocks", 0.0)
-    grad_checkpointing: bool = help_field("recompute activations in the backward pass (less memory, ~30 % more "
-                                          "compute): encoder stages and, where they matter, the heads", False)
+    grad_checkpointing: bool = help_field(
+        "recompute activations in the backward pass (less memory, ~30 % more "
+        "compute): encoder stages and, where they matter, the heads",
+        False,
+    )
 
 
 @dataclass
@@ -71,12 +94,17 @@ class ScheduleConfig:
     epochs: int = 100
     max_steps: int | None = help_field("stop after this many optimizer steps (the schedule spans them)")
     warmup_epochs: float | None = help_field("linear warmup from 0, in epochs", 0.0)
-    warmup_steps: int | None = help_field("linear warmup from 0, in steps (overrides --warmup-epochs; with neither: "
-                                          "min(--warmup-cap, a tenth of the run))")
+    warmup_steps: int | None = help_field(
+        "linear warmup from 0, in steps (overrides --warmup-epochs; with neither: "
+        "min(--warmup-cap, a tenth of the run))"
+    )
     warmup_cap: int | None = help_field("without --warmup-steps/--warmup-epochs: warm up min(this, steps / 10)")
     min_lr: float = 0.0
-    decay: str = help_field("lr decay after the warmup: cosine | poly (linear to --min-lr) | step (x0.1 at each "
-                            "--lr-milestones; without milestones: cosine)", "cosine")
+    decay: str = help_field(
+        "lr decay after the warmup: cosine | poly (linear to --min-lr) | step (x0.1 at each "
+        "--lr-milestones; without milestones: cosine)",
+        "cosine",
+    )
     lr_milestones: list[int] | None = help_field("--decay step: epochs (of --epochs) where the lr drops x0.1")
 
 
@@ -85,12 +113,15 @@ class RuntimeConfig:
     mixed_precision: str = help_field("no | fp16 | bf16", "no")
     compile: bool = help_field("torch.compile the model (in place: checkpoint names do not change)", False)
     channels_last: bool = False
-    cudnn_benchmark: bool = help_field("CUDA: autotune convolutions (--no-cudnn-benchmark: bitwise-repeatable runs)",
-                                       True)
+    cudnn_benchmark: bool = help_field(
+        "CUDA: autotune convolutions (--no-cudnn-benchmark: bitwise-repeatable runs)", True
+    )
     seed: int = 0
     output_dir: str = "outputs/run"
-    overwrite: bool = help_field("start afresh in an --output-dir that holds another run: deletes its checkpoints/, "
-                                 "log.jsonl and weights first", False)
+    overwrite: bool = help_field(
+        "start afresh in an --output-dir that holds another run: deletes its checkpoints/, log.jsonl and weights first",
+        False,
+    )
     save_every: int | None = help_field("checkpoint every N optimizer steps (and at the end)")
     keep_last: int = help_field("checkpoints kept", 2)
     resume: str | None = help_field("auto (newest checkpoint in output_dir) or a checkpoint/run directory")
@@ -101,10 +132,15 @@ class RuntimeConfig:
     eval_every: int | None = help_field("evaluate every N optimizer steps (and at the end)")
     eval_only: bool = help_field("evaluate --checkpoint on the validation split and exit", False)
     checkpoint: str | None = help_field("--eval-only: the run directory or weights to evaluate")
-    dist_timeout: int | None = help_field("seconds a collective may wait before the run fails (default: 300 under "
-                                          "Slurm, so a lost node ends the job and its requeue starts; else 1800)")
-    elastic: str = help_field("a checkpoint from another number of processes: refuse | keep-global-batch (same global "
-                              "batch, same samples) | allow-batch-change", "keep-global-batch")
+    dist_timeout: int | None = help_field(
+        "seconds a collective may wait before the run fails (default: 300 under "
+        "Slurm, so a lost node ends the job and its requeue starts; else 1800)"
+    )
+    elastic: str = help_field(
+        "a checkpoint from another number of processes: refuse | keep-global-batch (same global "
+        "batch, same samples) | allow-batch-change",
+        "keep-global-batch",
+    )
 
 
 class _NoTask:
@@ -173,8 +209,13 @@ class Config(metaclass=_Defaults):
     nothing to the task: no flag, and a YAML key naming one is an error), ``ALIASES`` and ``HELP``
     (task-specific help lines of shared fields), and may override ``check``."""
 
-    SECTIONS: ClassVar[dict[str, type]] = {"dataset": DataConfig, "encoder": EncoderConfig, "optim": OptimConfig,
-                                           "schedule": ScheduleConfig, "runtime": RuntimeConfig}
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "dataset": DataConfig,
+        "encoder": EncoderConfig,
+        "optim": OptimConfig,
+        "schedule": ScheduleConfig,
+        "runtime": RuntimeConfig,
+    }
     TASK: ClassVar[type] = _NoTask
     DEFAULTS: ClassVar[dict] = {}
     UNUSED: ClassVar[frozenset[str]] = frozenset()
@@ -208,7 +249,9 @@ class Config(metaclass=_Defaults):
                 if f.name in cls.UNUSED:
                     continue
                 if f.name in index:
-                    raise TypeError(f"{cls.__name__}: field {f.name!r} is in sections {index[f.name][0]} and {section}.")
+                    raise TypeError(
+                        f"{cls.__name__}: field {f.name!r} is in sections {index[f.name][0]} and {section}."
+                    )
                 index[f.name] = (section, f)
         return index
 
@@ -266,8 +309,10 @@ class Config(metaclass=_Defaults):
     def to_dict(self) -> dict:
         """Plain nested dict, one mapping per section (what config.yaml holds)."""
         index = self.fields()
-        return {name: {k: v for k, v in dataclasses.asdict(section).items() if k in index}
-                for name, section in self._sections.items()}
+        return {
+            name: {k: v for k, v in dataclasses.asdict(section).items() if k in index}
+            for name, section in self._sections.items()
+        }
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag and the fix for any inconsistent value."""
@@ -281,22 +326,35 @@ class Config(metaclass=_Defaults):
         self.dataset.validate()
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16; got {self.mixed_precision!r}.")
-        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "epochs", "save_every", "max_steps",
-                     "eval_every", "dist_timeout"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "keep_last",
+            "log_every",
+            "epochs",
+            "save_every",
+            "max_steps",
+            "eval_every",
+            "dist_timeout",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {value}.")
         if self.decay not in ("cosine", "poly", "step"):
             raise ValueError(f"--decay must be cosine, poly or step; got {self.decay!r}.")
         if self.elastic not in ("refuse", "keep-global-batch", "allow-batch-change"):
-            raise ValueError(f"--elastic must be refuse, keep-global-batch or allow-batch-change; got {self.elastic!r}.")
+            raise ValueError(
+                f"--elastic must be refuse, keep-global-batch or allow-batch-change; got {self.elastic!r}."
+            )
         if self.model is not None:
             from ..models.registry import model_entry
 
             model_entry(self.model)  # an unknown name raises, with a "did you mean"
         if "eval_only" not in self.UNUSED and self.eval_only != bool(self.checkpoint):
-            raise ValueError("--eval-only needs --checkpoint (a run directory or its best.safetensors), and "
-                             "--checkpoint is for --eval-only (to continue a run use --resume).")
+            raise ValueError(
+                "--eval-only needs --checkpoint (a run directory or its best.safetensors), and "
+                "--checkpoint is for --eval-only (to continue a run use --resume)."
+            )
         self.check()
 
     def check(self) -> None:
@@ -328,8 +386,11 @@ def load_yaml(path: str | os.PathLike) -> dict:
     out = {}
     for key, value in data.items():
         key = str(key).replace("-", "_")
-        out[key] = {str(k).replace("-", "_"): v for k, v in value.items()} if isinstance(value, dict) and \
-            key in SECTION_NAMES else value
+        out[key] = (
+            {str(k).replace("-", "_"): v for k, v in value.items()}
+            if isinstance(value, dict) and key in SECTION_NAMES
+            else value
+        )
     return out
 
 
@@ -341,8 +402,11 @@ def _resolve_aliases(cls, values: dict, given: dict) -> dict:
         alias = cls.ALIASES.get(k)
         if alias is None:
             continue
-        warnings.warn(f"--{k.replace('_', '-')} is deprecated: {alias.note or 'use --' + alias.target.replace('_', '-')}",
-                      FutureWarning, stacklevel=4)
+        warnings.warn(
+            f"--{k.replace('_', '-')} is deprecated: {alias.note or 'use --' + alias.target.replace('_', '-')}",
+            FutureWarning,
+            stacklevel=4,
+        )
         for target, value in (alias.convert(v, given) if alias.convert else {alias.target: v}).items():
             out.setdefault(target, value)
     return out
@@ -373,19 +437,26 @@ def build(cls, *layers: dict):
 
 def parser_for(cls, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser of config class ``cls``: ``--config`` and one flag per field (and alias)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML file of field: value, flat or in sections (flags override it)")
     index = cls.fields()
     for section in cls.sections():
         group = parser.add_argument_group(section)
         for name, (_, f) in ((n, v) for n, v in index.items() if v[0] == section):
-            _add_flag(group, name, cls.field_type(name), cls.HELP.get(name, f.metadata.get("help", "")),
-                      cls.default(name))
+            _add_flag(
+                group, name, cls.field_type(name), cls.HELP.get(name, f.metadata.get("help", "")), cls.default(name)
+            )
     aliases = parser.add_argument_group("deprecated")
     for name, alias in cls.ALIASES.items():
-        _add_flag(aliases, name, cls.field_type(alias.target) if alias.convert is None else str,
-                  f"deprecated: {alias.note or 'use --' + alias.target.replace('_', '-')}", None)
+        _add_flag(
+            aliases,
+            name,
+            cls.field_type(alias.target) if alias.convert is None else str,
+            f"deprecated: {alias.note or 'use --' + alias.target.replace('_', '-')}",
+            None,
+        )
     return parser
 
 
@@ -393,17 +464,23 @@ def _add_flag(group, name: str, t, text: str, default) -> None:
     flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     doc = f"{text} (default: {default!r})".strip().replace("%", "%%")  # argparse formats help with %
     if t is bool:
-        group.add_argument(*flags, dest=name, nargs="?", const=True, default=argparse.SUPPRESS, type=_parse_bool,
-                           help=doc)
-        group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
-                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        group.add_argument(
+            *flags, dest=name, nargs="?", const=True, default=argparse.SUPPRESS, type=_parse_bool, help=doc
+        )
+        group.add_argument(
+            f"--no-{name.replace('_', '-')}",
+            dest=name,
+            action="store_false",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
     else:
         group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=doc)
 
 
-def parse_args(cls, argv: list[str] | None = None, description: str = "", choose_preset=None,
-               prog: str | None = None):
-    """Parse ``argv`` into ``cls``: defaults < recipe < preset (``choose_preset(flags, yaml) -> dict``) < YAML < flags."""
+def parse_args(cls, argv: list[str] | None = None, description: str = "", choose_preset=None, prog: str | None = None):
+    """Parse ``argv`` into ``cls``: defaults < recipe < preset (``choose_preset(flags, yaml) -> dict``)
+    < YAML < flags."""
     args = vars(parser_for(cls, description, prog).parse_args(argv))
     config_file = args.pop("config", None)
     file_values = load_yaml(config_file) if config_file else {}
@@ -448,8 +525,9 @@ def cli(cls, run, argv: list[str] | None = None, description: str = "", choose_p
 def images_parser(prog: str, description: str, checkpoint: str, out_dir: str | None = None) -> argparse.ArgumentParser:
     """The parser of a command over images (``fcmae predict`` of each kind): IMAGES (files or folders),
     ``--checkpoint`` (help ``checkpoint``) and, with ``out_dir``, ``--out-dir`` (its default)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.add_argument("--checkpoint", required=True, help=checkpoint)
     if out_dir is not None:

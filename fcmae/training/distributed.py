@@ -6,6 +6,7 @@ FSDP``) asks for FSDP2; its FSDP_* environment fills the plugin, and the task's 
 unless the launch names others. Checkpoints are sharded (each process writes its shard with
 torch.distributed.checkpoint) and resume exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,13 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs,
-                              convert_outputs_to_fp32, get_mixed_precision_context_manager)
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    convert_outputs_to_fp32,
+    get_mixed_precision_context_manager,
+)
 
 # seconds a collective waits for the other processes before the run fails: short under Slurm, so that
 # a lost node ends the job (and its requeue starts) instead of hanging it; torch's 30 minutes elsewhere.
@@ -42,8 +48,10 @@ def fsdp_plugin(wrap) -> FullyShardedDataParallelPlugin:
 
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
-        raise ValueError(f"FSDP version {version} asked for: fcmae shards with FSDP2 only. Add --fsdp_version 2 to "
-                         "accelerate launch (fsdp_version: 2 under fsdp_config in a config file).")
+        raise ValueError(
+            f"FSDP version {version} asked for: fcmae shards with FSDP2 only. Add --fsdp_version 2 to "
+            "accelerate launch (fsdp_version: 2 under fsdp_config in a config file)."
+        )
     names = [c.__name__ for c in wrap]
     by_class = bool(names) and "FSDP_AUTO_WRAP_POLICY" not in os.environ
     return FullyShardedDataParallelPlugin(
@@ -60,7 +68,8 @@ def fsdp_plugin(wrap) -> FullyShardedDataParallelPlugin:
         # code (torch.amp): weights all-gathered and gradients reduced in fp32, outputs in fp32.
         # Accelerate's own FSDP2 policy would cast the parameters, the gradient reduction and the
         # model's outputs (the FCMAE loss too) to bf16.
-        mixed_precision_policy=MixedPrecisionPolicy())
+        mixed_precision_policy=MixedPrecisionPolicy(),
+    )
 
 
 def collective_timeout(seconds: int | None = None) -> int:
@@ -91,13 +100,17 @@ def configure(accelerator: Accelerator, wrap) -> None:
         state.fsdp_plugin = plugin
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     if fsdp_asked() and not accelerator.is_fsdp2:
-        raise ValueError(f"FSDP2 was asked for, but Accelerate set up {state.distributed_type.value} with "
-                         f"{accelerator.num_processes} process(es): FSDP needs 2 or more processes "
-                         "(accelerate launch --num_processes N).")
+        raise ValueError(
+            f"FSDP2 was asked for, but Accelerate set up {state.distributed_type.value} with "
+            f"{accelerator.num_processes} process(es): FSDP needs 2 or more processes "
+            "(accelerate launch --num_processes N)."
+        )
     if _asked("DEEPSPEED") and state.distributed_type != DistributedType.DEEPSPEED:
-        raise ValueError(f"DeepSpeed was asked for, but Accelerate set up {state.distributed_type.value}: with "
-                         "ACCELERATE_USE_CPU (or --cpu) Accelerate ignores DeepSpeed. See "
-                         "configs/accelerate/deepspeed_zero2_8gpu.yaml for what runs on CPU.")
+        raise ValueError(
+            f"DeepSpeed was asked for, but Accelerate set up {state.distributed_type.value}: with "
+            "ACCELERATE_USE_CPU (or --cpu) Accelerate ignores DeepSpeed. See "
+            "configs/accelerate/deepspeed_zero2_8gpu.yaml for what runs on CPU."
+        )
 
 
 def after_prepare(accelerator: Accelerator, model, wrap):
@@ -108,13 +121,17 @@ def after_prepare(accelerator: Accelerator, model, wrap):
         from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
         if getattr(model, "backend", None) == "minkowski":
-            raise ValueError("--backend minkowski does not run under FSDP: its sparse convolutions read the blocks' "
-                             "weights outside any forward, where FSDP keeps them sharded. Use --backend gather.")
+            raise ValueError(
+                "--backend minkowski does not run under FSDP: its sparse convolutions read the blocks' "
+                "weights outside any forward, where FSDP keeps them sharded. Use --backend gather."
+            )
         units = [m for m in model.modules() if isinstance(m, tuple(wrap))]
         if units and not any(isinstance(m, FSDPModule) for m in units):
             names = ", ".join(c.__name__ for c in wrap)
-            raise ValueError(f"FSDP2 made none of the {len(units)} {names} modules a sharding unit: the launch's "
-                             f"--fsdp_auto_wrap_policy / --fsdp_transformer_layer_cls_to_wrap should name {names}.")
+            raise ValueError(
+                f"FSDP2 made none of the {len(units)} {names} modules a sharding unit: the launch's "
+                f"--fsdp_auto_wrap_policy / --fsdp_transformer_layer_cls_to_wrap should name {names}."
+            )
         for m in units:
             if isinstance(m, FSDPModule) and hasattr(m, "run"):
                 register_fsdp_forward_method(m, "run")
@@ -158,8 +175,12 @@ def load_sharded(ckpt: Path, model, optimizer) -> None:
     and AdamW state gathered from the shards by torch.distributed.checkpoint (which reshards on load),
     by parameter name. (An FSDP2 run loads it with Accelerate's load_state, resharded the same way.)"""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     module = getattr(model, "module", model)
     module = getattr(module, "_orig_mod", module)
@@ -182,9 +203,13 @@ def report_sharding(accelerator: Accelerator, model) -> None:
     from torch.distributed.tensor import DTensor
 
     module = accelerator.unwrap_model(model)
-    report = {"units": [name for name, m in module.named_modules() if isinstance(m, FSDPModule)],
-              "params": {name: {"local": list((p.to_local() if isinstance(p, DTensor) else p).shape),
-                                "global": list(p.shape)} for name, p in module.named_parameters()}}
+    report = {
+        "units": [name for name, m in module.named_modules() if isinstance(m, FSDPModule)],
+        "params": {
+            name: {"local": list((p.to_local() if isinstance(p, DTensor) else p).shape), "global": list(p.shape)}
+            for name, p in module.named_parameters()
+        },
+    }
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"sharding_{accelerator.process_index}.json").write_text(json.dumps(report, indent=1))
 

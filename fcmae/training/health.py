@@ -1,6 +1,7 @@
 """A run's health, kept on the device between checks so that no step waits on it: the loss and
 its task-specific parts (a detector's RPN and RoI losses), the unreadable-image counts, and the
 first step whose loss was not finite."""
+
 from __future__ import annotations
 
 import time
@@ -43,9 +44,11 @@ class Health:
         bad_step = int(acc.reduce(self.first_bad_step, "max"))
         if bad_step >= 0:
             good = complete_checkpoints(self.run.out / "checkpoints")
-            raise FloatingPointError(f"Non-finite loss at step {bad_step}. The run stopped; the last good checkpoint is "
-                                     f"{good[-1] if good else 'none (no checkpoint was written yet)'}. Lower the lr, "
-                                     "add --clip-grad, or use bf16 instead of fp16.")
+            raise FloatingPointError(
+                f"Non-finite loss at step {bad_step}. The run stopped; the last good checkpoint is "
+                f"{good[-1] if good else 'none (no checkpoint was written yet)'}. Lower the lr, "
+                "add --clip-grad, or use bf16 instead of fp16."
+            )
         pos.num_bad, pos.num_seen = pos.num_bad + int(stats[0]), pos.num_seen + int(stats[1])
         self.bad.zero_()
         self.seen.zero_()

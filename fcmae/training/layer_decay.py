@@ -18,11 +18,12 @@ Names are fcmae's (timm's): ``stem.*``, ``stages.i.downsample.*``, ``stages.i.bl
 A task whose encoder lives under another name (a detector's ``backbone.body.``, a transformers
 backbone) passes ``encoder_name`` to map its parameter names to these; others get scale 1.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 _DOWNSAMPLE = re.compile(r"^stages\.(\d+)\.downsample\.")
 _BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
@@ -64,14 +65,17 @@ def layer_id(name: str, depths, decay_type: str) -> int:
     if decay_type == "stage":
         return 0 if block is None else stage + 1
     if len(depths) != 4 or depths[2] > 27:
-        raise ValueError(f"layer_decay_type {decay_type!r} is defined for four-stage ConvNeXts with at most 27 blocks "
-                         f"in stage 3 (base and larger); this model has depths {tuple(depths)}. Use 'single'.")
+        raise ValueError(
+            f"layer_decay_type {decay_type!r} is defined for four-stage ConvNeXts with at most 27 blocks "
+            f"in stage 3 (base and larger); this model has depths {tuple(depths)}. Use 'single'."
+        )
     group = {0: 0, 1: 2, 2: 3, 3: 12}[stage] if block is None else {0: 1, 1: 2, 2: 3 + block // 3, 3: 12}[stage]
     return {12: n, 13: n + 1}.get(group, group) if decay_type == "layer_wise" else group
 
 
-def lr_scale_fn(depths, decay: float, decay_type: str,
-                encoder_name: Callable[[str], str | None] = lambda name: name) -> Callable[[str], float]:
+def lr_scale_fn(
+    depths, decay: float, decay_type: str, encoder_name: Callable[[str], str | None] = lambda name: name
+) -> Callable[[str], float]:
     """``name -> lr scale`` for ``fcmae.training.optim.param_groups``: ``decay ** (L + 1 - id)`` for
     encoder parameters (``encoder_name(name)`` gives their fcmae name, None for the rest, which get 1)."""
     depths, n = list(depths), num_layers(depths, decay_type)

@@ -1,10 +1,11 @@
 """Optimizer parameter groups (one builder for every task), the learning-rate schedule (set by hand
 every step), and the micro-batch / optimizer step every training loop shares."""
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,8 +20,12 @@ def exempt_from_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in NO_DECAY_NAMES)
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None,
-                 exempt: Callable[[str, torch.Tensor], bool] = exempt_from_weight_decay) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+    exempt: Callable[[str, torch.Tensor], bool] = exempt_from_weight_decay,
+) -> list[dict]:
     """AdamW groups keyed by (lr scale, decayed or not), in the order parameters first appear, each
     with ``lr_scale`` (``lr_scale(name)``, 1 without it; ``set_lr`` applies it) and ``weight_decay``
     (0 for ``exempt`` parameters). Frozen parameters are left out."""
@@ -29,8 +34,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str]
         if not p.requires_grad:
             continue
         scale, no_decay = (lr_scale(name) if lr_scale else 1.0), exempt(name, p)
-        group = groups.setdefault((scale, no_decay), {"params": [], "lr_scale": scale,
-                                                      "weight_decay": 0.0 if no_decay else weight_decay})
+        group = groups.setdefault(
+            (scale, no_decay), {"params": [], "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay}
+        )
         group["params"].append(p)
     return list(groups.values())
 
@@ -40,8 +46,15 @@ def adamw(model: nn.Module, cfg, lr_scale: Callable[[str], float] | None = None)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, lr_scale), lr=0.0, betas=(cfg.beta1, cfg.beta2))
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0, kind: str = "cosine",
-          milestones: tuple[int, ...] = ()) -> float:
+def lr_at(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    lr: float,
+    min_lr: float = 0.0,
+    kind: str = "cosine",
+    milestones: tuple[int, ...] = (),
+) -> float:
     """Linear warmup per iteration from 0, then a decay from ``lr`` to ``min_lr``: half-cycle cosine
     (MAE, ConvNeXt), ``poly`` with power 1, a straight line (mmsegmentation's PolyLR in the ConvNeXt
     UPerNet configs), or ``step``: x0.1 at each of ``milestones`` (steps; the Mask R-CNN 1x/3x
@@ -71,8 +84,9 @@ def backward_micro_batch(accelerator, model: nn.Module, loss_fn, accumulate: int
     return loss.detach()
 
 
-def optimizer_step(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   clip_grad: float | None = None) -> None:
+def optimizer_step(
+    accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float | None = None
+) -> None:
     if clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()

@@ -1,6 +1,7 @@
 """An output folder belongs to one run: a new run refuses a folder that holds another run's files
 (continue that run with ``--resume auto``, or replace it with ``--overwrite``), so the files of two
 runs never mix."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,8 +10,21 @@ from pathlib import Path
 MARKERS = ("checkpoints", "log.jsonl", "config.yaml")  # a run has written here
 # every file and folder a run of any task writes (Slurm job logs under slurm/ are kept: the job that
 # starts afresh writes there before the run begins)
-OWNED = ("checkpoints", "log.jsonl", "config.yaml", "final.yaml", "*.safetensors", "reconstructions", "predictions",
-         "per_class_iou.json", "categories.json", "labels.txt", "hub", "fcmae-*", ".*.tmp")
+OWNED = (
+    "checkpoints",
+    "log.jsonl",
+    "config.yaml",
+    "final.yaml",
+    "*.safetensors",
+    "reconstructions",
+    "predictions",
+    "per_class_iou.json",
+    "categories.json",
+    "labels.txt",
+    "hub",
+    "fcmae-*",
+    ".*.tmp",
+)
 
 
 def run_files(out: Path) -> list[Path]:
@@ -26,9 +40,11 @@ def claim_output_dir(run, project: str) -> None:
     if not held or cfg.resume:
         return
     if not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}): continue it with --resume auto, or start "
-                              f"afresh with --overwrite (deletes its checkpoints/, log.jsonl, config.yaml, final.yaml, "
-                              "weights and other outputs), or choose another --output-dir.")
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(held)}): continue it with --resume auto, or start "
+            f"afresh with --overwrite (deletes its checkpoints/, log.jsonl, config.yaml, final.yaml, "
+            "weights and other outputs), or choose another --output-dir."
+        )
     files = run_files(out)
     if run.is_main:
         for path in files:

@@ -10,6 +10,7 @@ device value (no host-device sync) and costs tens of microseconds within a node.
 within one optimizer step plus one checkpoint write of the signal, well inside Slurm's KillWait
 (30 s) for the step times and checkpoint sizes of every model here (see the cluster docs).
 """
+
 from __future__ import annotations
 
 import json

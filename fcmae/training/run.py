@@ -12,6 +12,7 @@ step's first micro-batch from (seed, step, rank); the lr is a function of the st
 from a checkpoint at step S repeats the uninterrupted run's steps S+1... bit for bit on the same
 hardware.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -82,8 +83,10 @@ def resolve_schedule(cfg, batches_per_epoch: int, world: int) -> Schedule:
     with ``--max-steps`` keeps the schedule's shape)."""
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
     if steps_per_epoch < 1:
-        raise ValueError(f"One epoch gives {batches_per_epoch} batches per process, fewer than --grad-accum "
-                         f"{cfg.grad_accum}: use a smaller batch size or accumulation.")
+        raise ValueError(
+            f"One epoch gives {batches_per_epoch} batches per process, fewer than --grad-accum "
+            f"{cfg.grad_accum}: use a smaller batch size or accumulation."
+        )
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps
     if cfg.warmup_steps is not None:
         warmup = cfg.warmup_steps
@@ -106,8 +109,12 @@ class Run:
         cfg.validate()
         self.cfg, self.project, self.wrap = cfg, project, tuple(wrap)
         self.out = Path(cfg.output_dir)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers(cfg.report_to),
-                                       project_dir=str(self.out), **accelerator_kwargs(self.wrap, cfg.dist_timeout))
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=trackers(cfg.report_to),
+            project_dir=str(self.out),
+            **accelerator_kwargs(self.wrap, cfg.dist_timeout),
+        )
         configure(self.accelerator, self.wrap)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
@@ -139,10 +146,13 @@ class Run:
 
     def schedule(self, batches_per_epoch: int) -> Schedule:
         cfg, sched = self.cfg, resolve_schedule(self.cfg, batches_per_epoch, self.world)
-        self.say(f"{self.world} process(es) on {self.device} ({distributed_name(self.accelerator)}) | effective "
-                 f"batch {sched.eff_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x {self.world}) | lr "
-                 f"{sched.lr:.3g}" + ("" if cfg.lr is not None else f" = blr {cfg.blr:g} x {sched.eff_batch} / 256")
-                 + f" | {sched.total} steps ({sched.steps_per_epoch}/epoch), warmup {sched.warmup}")
+        self.say(
+            f"{self.world} process(es) on {self.device} ({distributed_name(self.accelerator)}) | effective "
+            f"batch {sched.eff_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x {self.world}) | lr "
+            f"{sched.lr:.3g}"
+            + ("" if cfg.lr is not None else f" = blr {cfg.blr:g} x {sched.eff_batch} / 256")
+            + f" | {sched.total} steps ({sched.steps_per_epoch}/epoch), warmup {sched.warmup}"
+        )
         self.sched = sched
         return sched
 
@@ -152,18 +162,32 @@ class Run:
         rows a resumed run repeats, and start the health watch. Returns ``pos``."""
         (restore or Run.restore)(self, pos)
         sched = self.sched  # config.yaml: every field flat (as flags and YAML keys are), then what was resolved
-        resolved = {**flatten(self.cfg.to_dict()), **extra, "world_size": self.world,
-                    "distributed_type": distributed_name(self.accelerator), "effective_batch_size": sched.eff_batch,
-                    "abs_lr": sched.lr, "steps_per_epoch": sched.steps_per_epoch, "total_steps": sched.total,
-                    "warmup_steps_resolved": sched.warmup, "lr_milestone_steps": list(sched.milestones)}
+        resolved = {
+            **flatten(self.cfg.to_dict()),
+            **extra,
+            "world_size": self.world,
+            "distributed_type": distributed_name(self.accelerator),
+            "effective_batch_size": sched.eff_batch,
+            "abs_lr": sched.lr,
+            "steps_per_epoch": sched.steps_per_epoch,
+            "total_steps": sched.total,
+            "warmup_steps_resolved": sched.warmup,
+            "lr_milestone_steps": list(sched.milestones),
+        }
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_yaml(resolved, self.out / "config.yaml")
             trim_log(self.out / "log.jsonl", lambda row: row["step"] <= pos.step)
-        self.accelerator.init_trackers(self.project, config={k: v for k, v in resolved.items()
-                                                             if isinstance(v, (int, float, str, bool))})
-        self.bar = tqdm(total=sched.total, initial=pos.step, disable=not self.accelerator.is_local_main_process,
-                        desc=self.project, dynamic_ncols=True)
+        self.accelerator.init_trackers(
+            self.project, config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))}
+        )
+        self.bar = tqdm(
+            total=sched.total,
+            initial=pos.step,
+            disable=not self.accelerator.is_local_main_process,
+            desc=self.project,
+            dynamic_ncols=True,
+        )
         self.pos, self.health, self.resolved = pos, Health(self, pos), resolved
         return pos
 
@@ -175,8 +199,9 @@ class Run:
             if is_sharded(ckpt) and not self.accelerator.is_fsdp2:
                 load_sharded(ckpt, self.model, self.optimizer)  # an FSDP2 checkpoint, gathered for this run
             elif self.accelerator.is_fsdp2 and not is_sharded(ckpt):
-                raise ValueError(f"{ckpt} was written by an unsharded (DDP) run: resume it without FSDP (launch "
-                                 "without --use_fsdp).")
+                raise ValueError(
+                    f"{ckpt} was written by an unsharded (DDP) run: resume it without FSDP (launch without --use_fsdp)."
+                )
             else:
                 self.accelerator.load_state(str(ckpt))
             for k, v in saved.items():
@@ -250,8 +275,16 @@ class Run:
         if log and due(pos.step, self.cfg.log_every, sched.total):
             self.health.check(pos)
             loss, ips, parts = self.health.take_loss(pos)
-            self.log(dict(step=pos.step, epoch=pos.epoch + pos.batch / sched.per_epoch, loss=loss, **parts,
-                          lr=self.lr, images_per_sec=ips))
+            self.log(
+                dict(
+                    step=pos.step,
+                    epoch=pos.epoch + pos.batch / sched.per_epoch,
+                    loss=loss,
+                    **parts,
+                    lr=self.lr,
+                    images_per_sec=ips,
+                )
+            )
         if self.stop.agreed(pos.step):
             self.save_checkpoint()
             raise Preempted(pos.step, self.stop.signal_name)
@@ -264,19 +297,28 @@ class Run:
         self.health.check(self.pos)  # never checkpoint weights that saw a non-finite loss
         pos = self.pos
         pos.data = self.loader.state_dict(pos.epoch, pos.batch) if isinstance(self.loader, StreamLoader) else {}
-        return save_checkpoint(self.accelerator, self.out / "checkpoints", self.health.saved(self.pos),
-                               self.cfg.keep_last, self.position_facts())
+        return save_checkpoint(
+            self.accelerator,
+            self.out / "checkpoints",
+            self.health.saved(self.pos),
+            self.cfg.keep_last,
+            self.position_facts(),
+        )
 
     def position_facts(self) -> dict:
         """What a checkpoint records beside the position, so a resume can tell what changed."""
-        return dict(world_size=self.world, batch_size=self.cfg.batch_size, grad_accum=self.cfg.grad_accum,
-                    effective_batch=self.sched.eff_batch)
+        return dict(
+            world_size=self.world,
+            batch_size=self.cfg.batch_size,
+            grad_accum=self.cfg.grad_accum,
+            effective_batch=self.sched.eff_batch,
+        )
 
     def checkpoint_if_due(self, then=None, every: int | None = None, at_end: bool = True) -> bool:
         """A checkpoint at every ``every`` (default ``--save-every``) steps and, with ``at_end``, at the
         last step; then ``then()`` (a task's weight exports). Returns whether it saved."""
         every = self.cfg.save_every if every is None else every
-        if not (bool(every) and self.pos.step % every == 0 or at_end and self.pos.step == self.sched.total):
+        if not ((bool(every) and self.pos.step % every == 0) or (at_end and self.pos.step == self.sched.total)):
             return False
         self.save_checkpoint()
         if then is not None:
@@ -310,10 +352,20 @@ class Run:
         pos = self.pos
         same = ranks_identical(self.accelerator, module if module is not None else self.module)
         if self.is_main:
-            save_yaml({"step": pos.step, "epochs": pos.epoch, "world_size": self.world,
-                       "distributed_type": distributed_name(self.accelerator), "ranks_identical": same,
-                       "num_bad": pos.num_bad, "num_seen": pos.num_seen, **pos.best, **final},
-                      self.out / "final.yaml")
+            save_yaml(
+                {
+                    "step": pos.step,
+                    "epochs": pos.epoch,
+                    "world_size": self.world,
+                    "distributed_type": distributed_name(self.accelerator),
+                    "ranks_identical": same,
+                    "num_bad": pos.num_bad,
+                    "num_seen": pos.num_seen,
+                    **pos.best,
+                    **final,
+                },
+                self.out / "final.yaml",
+            )
         if same is False:
             raise RuntimeError("Parameters differ across processes at the end of training: distributed sync is broken.")
 
@@ -323,8 +375,9 @@ class Run:
             from ..weights.hub import export_and_push
 
             datasets = [self.cfg.dataset_name] if self.cfg.dataset_name else []
-            url = export_and_push(source, self.cfg.push_to_hub, private=self.cfg.hub_private, datasets=datasets,
-                                  **export_kwargs)
+            url = export_and_push(
+                source, self.cfg.push_to_hub, private=self.cfg.hub_private, datasets=datasets, **export_kwargs
+            )
             self.say(f"pushed to {url}")
 
     def close(self) -> None:
@@ -366,18 +419,18 @@ def evaluate_only(cfg, evaluate) -> dict:
 
 
 def due(step: int, every: int | None, total: int) -> bool:
-    return bool(every) and step % every == 0 or step == total
+    return (bool(every) and step % every == 0) or step == total
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 9_973 + rank) % (2 ** 63)
+    return (seed * 1_000_003 + step * 9_973 + rank) % (2**63)
 
 
 def reseed(seed: int, step: int, rank: int) -> None:
     """torch (masks, drop path), numpy (timm's Mixup) and random for this optimizer step."""
     s = step_seed(seed, step, rank)
     torch.manual_seed(s)
-    np.random.seed(s % 2 ** 32)
+    np.random.seed(s % 2**32)
     random.seed(s)
 
 

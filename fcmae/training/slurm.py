@@ -65,6 +65,7 @@ script can only be printed through private functions (no dry run); the job runs 
 so the nodes need the submitting Python environment and pickle compatibility, and users who write
 their own sbatch scripts cannot share the logic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,10 @@ class SubmitOptions:
         if self.processes_per_node is None:
             self.processes_per_node = self.gpus_per_node or 1
         elif self.gpus_per_node is not None and self.processes_per_node != self.gpus_per_node:
-            raise ValueError(f"--processes-per-node {self.processes_per_node} with --gpus-per-node "
-                             f"{self.gpus_per_node}: one process per GPU (give one of the two)")
+            raise ValueError(
+                f"--processes-per-node {self.processes_per_node} with --gpus-per-node "
+                f"{self.gpus_per_node}: one process per GPU (give one of the two)"
+            )
         if self.processes_per_node < 1:
             raise ValueError("--processes-per-node must be at least 1")
         if self.cpu and self.cpus_per_task is None:
@@ -129,11 +132,15 @@ class SubmitOptions:
             raise ValueError("--max-requeues must be >= 0")
         resume = _flag_value(self.task_args, "--resume")
         if resume is not None and resume != "auto":
-            raise ValueError(f"--resume {resume}: a Slurm run resumes with --resume auto (added by fcmae submit) "
-                             "from its --output-dir; start from other weights with the task's init/finetune flag")
+            raise ValueError(
+                f"--resume {resume}: a Slurm run resumes with --resume auto (added by fcmae submit) "
+                "from its --output-dir; start from other weights with the task's init/finetune flag"
+            )
         if not self.output_dir:
-            raise ValueError("the task needs --output-dir: checkpoints (--resume auto) and the Slurm logs "
-                             "(<output-dir>/slurm/) live there")
+            raise ValueError(
+                "the task needs --output-dir: checkpoints (--resume auto) and the Slurm logs "
+                "(<output-dir>/slurm/) live there"
+            )
 
     @property
     def output_dir(self) -> str | None:
@@ -155,19 +162,32 @@ def _flag_value(args: list[str], flag: str) -> str | None:
         if a == flag and i + 1 < len(args):
             value = args[i + 1]
         elif a.startswith(flag + "="):
-            value = a[len(flag) + 1:]
+            value = a[len(flag) + 1 :]
     return value
 
 
-def launch_args(opts: SubmitOptions, machine_rank: str = '"$SLURM_NODEID"', main_ip: str = '"$MAIN_HOST"',
-                port: str = '"$MAIN_PORT"') -> list[str]:
+def launch_args(
+    opts: SubmitOptions,
+    machine_rank: str = '"$SLURM_NODEID"',
+    main_ip: str = '"$MAIN_HOST"',
+    port: str = '"$MAIN_PORT"',
+) -> list[str]:
     """The ``accelerate launch`` arguments of one node, as shell words: rank, address and port are
     shell expressions the node expands (defaults), or literal values given here."""
     words = [*(opts.launcher or [sys.executable, "-m", "accelerate.commands.launch"])]
     words = [shlex.quote(w) for w in words]
-    words += ["--num_machines", str(opts.nodes), "--machine_rank", machine_rank,
-              "--main_process_ip", main_ip, "--main_process_port", port,
-              "--num_processes", str(opts.num_processes)]
+    words += [
+        "--num_machines",
+        str(opts.nodes),
+        "--machine_rank",
+        machine_rank,
+        "--main_process_ip",
+        main_ip,
+        "--main_process_port",
+        port,
+        "--num_processes",
+        str(opts.num_processes),
+    ]
     if opts.num_processes > 1:
         words.append("--multi_gpu")  # on CPU too: without it --num_processes N silently runs one process
     words += [shlex.quote(a) for a in opts.accelerate_args]
@@ -182,16 +202,17 @@ def launch_args(opts: SubmitOptions, machine_rank: str = '"$SLURM_NODEID"', main
 
 def node_command(opts: SubmitOptions) -> str:
     """The shell code each node runs (``srun ... bash -c "$NODE_CMD"``)."""
-    return ("trap '' USR1 USR2  # the launcher (torch elastic agent) would die of these; the training "
-            "processes install their own handlers\n"
-            "exec " + " ".join(launch_args(opts)))
+    return (
+        "trap '' USR1 USR2  # the launcher (torch elastic agent) would die of these; the training "
+        "processes install their own handlers\n"
+        "exec " + " ".join(launch_args(opts))
+    )
 
 
 def sbatch_options(opts: SubmitOptions) -> list[tuple[str, str | None]]:
     out = Path(opts.output_dir).expanduser()
     logdir = out / "slurm" if out.is_absolute() else Path(opts.workdir or os.getcwd()) / out / "slurm"
-    o: list[tuple[str, str | None]] = [("job-name", opts.name), ("nodes", str(opts.nodes)),
-                                       ("ntasks-per-node", "1")]
+    o: list[tuple[str, str | None]] = [("job-name", opts.name), ("nodes", str(opts.nodes)), ("ntasks-per-node", "1")]
     if opts.cpus_per_task:
         o.append(("cpus-per-task", str(opts.cpus_per_task)))
     if opts.gpus_per_node:
@@ -201,10 +222,13 @@ def sbatch_options(opts: SubmitOptions) -> list[tuple[str, str | None]]:
             o.append((key, str(getattr(opts, key))))
     if opts.time:
         o.append(("time", str(opts.time)))
-    o += [("chdir", str(opts.workdir or os.getcwd())),
-          ("output", str(logdir / "%x-%j.out")),
-          ("open-mode", "append"), ("requeue", None),
-          ("signal", f"B:USR1@{opts.signal_seconds}")]
+    o += [
+        ("chdir", str(opts.workdir or os.getcwd())),
+        ("output", str(logdir / "%x-%j.out")),
+        ("open-mode", "append"),
+        ("requeue", None),
+        ("signal", f"B:USR1@{opts.signal_seconds}"),
+    ]
     for extra in opts.sbatch_args:
         key, _, value = extra.lstrip("-").partition("=")
         o.append((key, value or None))
@@ -219,14 +243,15 @@ _COMMENTS = {
     "signal": "time-limit warning to this batch shell only; it forwards it and requeues the job",
 }
 
-_BODY = r'''
+_BODY = r"""
 set -u
 OUTPUT_DIR=@OUTPUT_DIR@
 MAX_REQUEUES=@MAX_REQUEUES@  # this job's own requeues, counted with SLURM_RESTART_COUNT
 REQUEUE_ON_FAILURE=@REQUEUE_ON_FAILURE@
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 log() { echo "[fcmae-slurm $(date '+%F %T')] $*"; }
-log "job $SLURM_JOB_ID: start $((RESTARTS + 1)) (restarts so far: $RESTARTS, own-requeue cap $MAX_REQUEUES) on $SLURM_JOB_NODELIST"
+log "job $SLURM_JOB_ID: start $((RESTARTS + 1)) (restarts so far: $RESTARTS," \
+    "own-requeue cap $MAX_REQUEUES) on $SLURM_JOB_NODELIST"
 
 # rank-0 host of accelerate: the first host of the allocation (this batch shell runs there)
 export MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -274,7 +299,8 @@ requeue() {  # $1: why
     return 1
 }
 if [ "$TERMINATED" = 1 ]; then
-    log "not requeuing: after SIGTERM Slurm decides (it requeues on preemption and scontrol requeue; not on scancel or the time limit)"
+    log "not requeuing: after SIGTERM Slurm decides (it requeues on preemption and scontrol requeue;" \
+        "not on scancel or the time limit)"
 elif [ -n "$STOP_SIGNAL" ] || grep -qs '"SIGUSR[12]"' "$FCMAE_STOP_FILE"; then
     requeue "stopped on SIG${STOP_SIGNAL:-USR} (time-limit warning)"
 elif [ "$STATUS" -ne 0 ] && [ "$REQUEUE_ON_FAILURE" = 1 ] && [ -z "$STOPPED" ]; then
@@ -285,14 +311,16 @@ elif [ "$STATUS" -ne 0 ] && [ "$REQUEUE_ON_FAILURE" = 1 ] && [ -z "$STOPPED" ]; 
     fi
 fi
 exit "$STATUS"
-'''
+"""
 
 
 def build_script(opts: SubmitOptions) -> str:
     """The sbatch script of a run."""
-    lines = ["#!/bin/bash",
-             f"# fcmae {opts.task} on {opts.nodes} node(s) x {opts.processes_per_node} process(es)"
-             f" ({'CPU' if opts.cpu else 'GPU'}), written by fcmae submit (fcmae.training.slurm)."]
+    lines = [
+        "#!/bin/bash",
+        f"# fcmae {opts.task} on {opts.nodes} node(s) x {opts.processes_per_node} process(es)"
+        f" ({'CPU' if opts.cpu else 'GPU'}), written by fcmae submit (fcmae.training.slurm).",
+    ]
     for key, value in sbatch_options(opts):
         flag = f"#SBATCH --{key}" + ("" if value is None else f"={value}")
         note = _COMMENTS.get(key)
@@ -301,15 +329,17 @@ def build_script(opts: SubmitOptions) -> str:
     out_abs = out if os.path.isabs(out) else os.path.join(opts.workdir or os.getcwd(), out)
     exports = ["export ACCELERATE_USE_CPU=true  # --cpu: gloo processes"] if opts.cpu else []
     port = str(opts.main_process_port) if opts.main_process_port else f"$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))"
-    srun_cpus = '${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK }'  # srun 22.05+ does not inherit it
-    body = (_BODY.replace("@OUTPUT_DIR@", shlex.quote(out_abs))
-            .replace("@MAX_REQUEUES@", str(opts.max_requeues))
-            .replace("@REQUEUE_ON_FAILURE@", "1" if opts.requeue_on_failure else "0")
-            .replace("@PORT@", port)
-            .replace("@EXPORTS@", "\n".join(exports))
-            .replace("@SETUP@", "\n".join(opts.setup))
-            .replace("@SRUN_CPUS@", srun_cpus)
-            .replace("@NODE_CMD@", node_command(opts)))
+    srun_cpus = "${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK }"  # srun 22.05+ does not inherit it
+    body = (
+        _BODY.replace("@OUTPUT_DIR@", shlex.quote(out_abs))
+        .replace("@MAX_REQUEUES@", str(opts.max_requeues))
+        .replace("@REQUEUE_ON_FAILURE@", "1" if opts.requeue_on_failure else "0")
+        .replace("@PORT@", port)
+        .replace("@EXPORTS@", "\n".join(exports))
+        .replace("@SETUP@", "\n".join(opts.setup))
+        .replace("@SRUN_CPUS@", srun_cpus)
+        .replace("@NODE_CMD@", node_command(opts))
+    )
     return "\n".join(lines) + "\n" + body
 
 
@@ -336,12 +366,24 @@ def submit(opts: SubmitOptions) -> str:
 
 # ---- fcmae submit ---------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str]) -> tuple[SubmitOptions, bool]:
+    """``fcmae submit`` flags: (the submission, whether it is a dry run)."""
     if "--" not in argv and not any(a in ("-h", "--help") for a in argv):
         raise ValueError("usage: fcmae submit [options] -- TASK [task flags]   (TASK: " + " | ".join(TASKS) + ")")
     argv = argv if "--" in argv else [*argv, "--"]
     cut = argv.index("--")
-    own, rest = argv[:cut], argv[cut + 1:]
+    own, rest = argv[:cut], argv[cut + 1 :]
+    p = _parser()
+    a = vars(p.parse_args(own))
+    if not rest:
+        p.error("no task after --")
+    dry = a.pop("dry_run")
+    a["requeue_on_failure"] = not a.pop("no_requeue_on_failure")
+    return SubmitOptions(task=rest[0], task_args=rest[1:], **a), dry
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fcmae submit", description="Submit an fcmae task to Slurm.", allow_abbrev=False)
     p.add_argument("--nodes", type=int, default=1)
     g = p.add_mutually_exclusive_group()
@@ -352,28 +394,31 @@ def parse_args(argv: list[str]) -> tuple[SubmitOptions, bool]:
     for name in ("partition", "account", "qos", "mem", "job-name", "constraint"):
         p.add_argument(f"--{name}")
     p.add_argument("--time", type=int, help="time limit, minutes")
-    p.add_argument("--max-requeues", type=int, default=SubmitOptions.max_requeues,
-                   help="cap on the job's own requeues (time limit, failure), checked with SLURM_RESTART_COUNT")
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=SubmitOptions.max_requeues,
+        help="cap on the job's own requeues (time limit, failure), checked with SLURM_RESTART_COUNT",
+    )
     p.add_argument("--no-requeue-on-failure", action="store_true")
-    p.add_argument("--signal-seconds", type=int, default=SubmitOptions.signal_seconds,
-                   help="time-limit warning (SIGUSR1), seconds before the limit")
+    p.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=SubmitOptions.signal_seconds,
+        help="time-limit warning (SIGUSR1), seconds before the limit",
+    )
     p.add_argument("--main-process-port", type=int)
     p.add_argument("--setup", action="append", default=[], help="a shell line run before the launch (repeatable)")
     p.add_argument("--accelerate-arg", action="append", default=[], dest="accelerate_args")
-    p.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args",
-                   help="an extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)")
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        dest="sbatch_args",
+        help="an extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-    a = p.parse_args(own)
-    if not rest:
-        p.error("no task after --")
-    opts = SubmitOptions(task=rest[0], task_args=rest[1:], nodes=a.nodes, processes_per_node=a.processes_per_node,
-                         gpus_per_node=a.gpus_per_node, cpu=a.cpu, cpus_per_task=a.cpus_per_task,
-                         partition=a.partition, account=a.account, qos=a.qos, time=a.time, mem=a.mem,
-                         job_name=a.job_name, constraint=a.constraint, max_requeues=a.max_requeues,
-                         requeue_on_failure=not a.no_requeue_on_failure, signal_seconds=a.signal_seconds,
-                         main_process_port=a.main_process_port, setup=a.setup,
-                         accelerate_args=a.accelerate_args, sbatch_args=a.sbatch_args)
-    return opts, a.dry_run
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:

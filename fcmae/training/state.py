@@ -8,6 +8,7 @@ a resume compares (processes, batch per process, accumulation, global batch). It
 temporary name and renamed once complete, so a crash mid-write leaves the previous checkpoint as the
 newest complete one.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,10 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
         return path
     found = complete_checkpoints(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
     if not found:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (a directory with {POSITION}, "
-                                "or a run directory with checkpoints/step_*).")
+        raise FileNotFoundError(
+            f"--resume {resume}: no complete checkpoint there (a directory with {POSITION}, "
+            "or a run directory with checkpoints/step_*)."
+        )
     return found[-1]
 
 
@@ -93,8 +96,10 @@ def read_position(ckpt: Path) -> tuple[dict, dict]:
     saved = json.loads((ckpt / POSITION).read_text())
     version = saved.pop("format", 1)
     if version > POSITION_FORMAT:
-        raise ValueError(f"{ckpt} was written by a newer fcmae (position format {version}; this one reads up to "
-                         f"{POSITION_FORMAT}): upgrade fcmae to resume it.")
+        raise ValueError(
+            f"{ckpt} was written by a newer fcmae (position format {version}; this one reads up to "
+            f"{POSITION_FORMAT}): upgrade fcmae to resume it."
+        )
     facts = {k: saved.pop(k) for k in FACTS if k in saved}
     if version == 1:
         facts["world_size"] = len(list(ckpt.glob("random_states_*.pkl"))) or None
@@ -116,24 +121,32 @@ def check_elastic(saved: dict, facts: dict, run, ckpt: Path) -> dict:
     old_accum = facts.get("grad_accum") or cfg.grad_accum
     if old_world != run.world:
         if cfg.elastic == "refuse":
-            raise ValueError(f"{ckpt} was written by {old_world} processes and this launch has {run.world} (--elastic "
-                             "refuse): launch it with the same number of processes.")
+            raise ValueError(
+                f"{ckpt} was written by {old_world} processes and this launch has {run.world} (--elastic "
+                "refuse): launch it with the same number of processes."
+            )
         blocker = cfg.elastic_blocker()
         if blocker:
-            raise ValueError(f"{ckpt} was written by {old_world} processes and this launch has {run.world}: {blocker}; "
-                             f"launch it with {old_world} processes.")
+            raise ValueError(
+                f"{ckpt} was written by {old_world} processes and this launch has {run.world}: {blocker}; "
+                f"launch it with {old_world} processes."
+            )
     if old_eff is not None and old_eff != sched.eff_batch:
         if cfg.elastic != "allow-batch-change":
             old = f"{old_world} x {facts.get('batch_size')} x {old_accum}"
-            raise ValueError(f"{ckpt} was trained with a global batch of {old_eff} ({old} processes x batch x "
-                             f"accumulation); this launch gives {sched.eff_batch} ({run.world} x {cfg.batch_size} x "
-                             f"{cfg.grad_accum}). Set --batch-size / --grad-accum so that processes x batch x "
-                             f"accumulation = {old_eff}, or pass --elastic allow-batch-change (the lr, the steps per "
-                             "epoch and the samples of each step then change: not the same run).")
+            raise ValueError(
+                f"{ckpt} was trained with a global batch of {old_eff} ({old} processes x batch x "
+                f"accumulation); this launch gives {sched.eff_batch} ({run.world} x {cfg.batch_size} x "
+                f"{cfg.grad_accum}). Set --batch-size / --grad-accum so that processes x batch x "
+                f"accumulation = {old_eff}, or pass --elastic allow-batch-change (the lr, the steps per "
+                "epoch and the samples of each step then change: not the same run)."
+            )
         samples = saved["batch"] // old_accum * old_eff
         saved["batch"] = samples // sched.eff_batch * cfg.grad_accum
-        run.say(f"--elastic allow-batch-change: global batch {old_eff} -> {sched.eff_batch}; continuing at step "
-                f"{saved['step']}, {samples} samples into epoch {saved['epoch']}")
+        run.say(
+            f"--elastic allow-batch-change: global batch {old_eff} -> {sched.eff_batch}; continuing at step "
+            f"{saved['step']}, {samples} samples into epoch {saved['epoch']}"
+        )
     elif old_accum != cfg.grad_accum:
         saved["batch"] = saved["batch"] // old_accum * cfg.grad_accum  # the same optimizer steps of the epoch
     if old_world != run.world:

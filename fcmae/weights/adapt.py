@@ -8,6 +8,7 @@ so that the filters' total weight stays about that of the RGB stem (exactly when
 timm's function itself, so an adapted fcmae model and timm's ``create_model(..., in_chans=N,
 pretrained=True)`` start from the same stem.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def stem_channels(state_dict: dict[str, torch.Tensor], key: str = STEM_KEY) -> i
     return int(w.shape[1]) if w is not None and w.ndim == 4 else None
 
 
-def adapt_stem(state_dict: dict[str, torch.Tensor], in_chans: int,
-               key: str = STEM_KEY) -> tuple[dict[str, torch.Tensor], str | None]:
+def adapt_stem(
+    state_dict: dict[str, torch.Tensor], in_chans: int, key: str = STEM_KEY
+) -> tuple[dict[str, torch.Tensor], str | None]:
     """Fit the stem of ``state_dict`` (fcmae's names, e.g. after ``convert_state_dict``) to a model
     taking ``in_chans`` channels.
 
@@ -39,9 +41,11 @@ def adapt_stem(state_dict: dict[str, torch.Tensor], in_chans: int,
     if have is None or have == in_chans:
         return state_dict, None
     if have != 3:
-        raise ValueError(f"The checkpoint's stem ({key}) takes {have} input channels and the model {in_chans}: only "
-                         f"3-channel (RGB) stems can be adapted. Create the model with in_chans={have}, or start "
-                         "from RGB weights.")
+        raise ValueError(
+            f"The checkpoint's stem ({key}) takes {have} input channels and the model {in_chans}: only "
+            f"3-channel (RGB) stems can be adapted. Create the model with in_chans={have}, or start "
+            "from RGB weights."
+        )
     out = dict(state_dict)
     out[key] = adapt_input_conv(in_chans, state_dict[key])
     how = "sum over the RGB channels" if in_chans == 1 else "repeat and rescale"

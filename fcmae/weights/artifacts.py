@@ -6,13 +6,14 @@ that mean something for it, and, where the task registers them, prediction and f
 The registry sits in the weights layer and every task registers its own kind (``register``), so
 no import climbs a layer; ``identify`` reads a source's metadata once and names its kind.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
 
 from .source import DIR_FILES, find_weights, read_metadata
 
@@ -22,7 +23,7 @@ EXPORT_OPTIONS = {
     "num_classes": "classes of the exported classifier (default: the checkpoint's; 0: features only)",
     "label_names": "class names: a JSON list or mapping, or a text file with one name a line",
     "license": "license of the model card (default apache-2.0; cc-by-nc-4.0 for weights derived from the official "
-               "ConvNeXt V2 ones)",
+    "ConvNeXt V2 ones)",
     "datasets": "Hub dataset id(s) trained on, for the model card",
     "tag": "timm pretrained tag (default fcmae / fcmae_ft, plus the dataset name)",
     "repo_id": "OWNER/NAME, for the model card's loading examples",
@@ -52,8 +53,13 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
-TAGS = {"fcmae-encoder": "encoder", "fcmae": "fcmae", "fcmae-classifier": "classifier",
-        "fcmae-segmenter": "segmenter", "fcmae-detector": "detector"}
+TAGS = {
+    "fcmae-encoder": "encoder",
+    "fcmae": "fcmae",
+    "fcmae-classifier": "classifier",
+    "fcmae-segmenter": "segmenter",
+    "fcmae-detector": "detector",
+}
 
 
 def register(kind: Kind) -> Kind:
@@ -136,8 +142,10 @@ def check_options(found_kind: Kind, options: dict) -> dict:
             raise TypeError(f"unknown export option {name!r}")
         if name not in found_kind.options:
             flag = "--dataset" if name == "datasets" else f"--{name.replace('_', '-')}"
-            raise ValueError(f"{flag} does not apply to a {found_kind.name} export (its options: "
-                             f"{', '.join(_flag(o) for o in sorted(found_kind.options)) or 'none'}).")
+            raise ValueError(
+                f"{flag} does not apply to a {found_kind.name} export (its options: "
+                f"{', '.join(_flag(o) for o in sorted(found_kind.options)) or 'none'})."
+            )
     return given
 
 
@@ -160,8 +168,10 @@ def prepare_out(out: Path, overwrite: bool, owned: tuple[str, ...], source: Path
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         if any(out.iterdir()):
             others = sorted(p.name for p in out.iterdir())
-            raise FileExistsError(f"{out} holds files that are not from an export ({others}); push uploads the "
-                                  "whole folder: choose an empty --out.")
+            raise FileExistsError(
+                f"{out} holds files that are not from an export ({others}); push uploads the "
+                "whole folder: choose an empty --out."
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -6,6 +6,7 @@ without the classifier), the official dense layout (fine-tuned weights and the r
 encoder-only ``*_fcmae.pt``), and the official MinkowskiEngine FCMAE training checkpoint.
 Every conversion lives here, as rename tables plus a shape normalisation pass.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,21 +22,32 @@ HF_RENAMES = [  # transformers ConvNextV2 / ConvNext
     (r"^embeddings\.layernorm\.", "stem.1."),
     (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"\.dwconv\.", ".conv_dw."), (r"\.layernorm\.", ".norm."),
-    (r"\.pwconv1\.", ".mlp.fc1."), (r"\.pwconv2\.", ".mlp.fc2."),
-    (r"\.grn\.", ".mlp.grn."), (r"\.layer_scale_parameter$", ".gamma"),
-    (r"^layernorm\.", "head.norm."), (r"^classifier\.", "head.fc."),
+    (r"\.dwconv\.", ".conv_dw."),
+    (r"\.layernorm\.", ".norm."),
+    (r"\.pwconv1\.", ".mlp.fc1."),
+    (r"\.pwconv2\.", ".mlp.fc2."),
+    (r"\.grn\.", ".mlp.grn."),
+    (r"\.layer_scale_parameter$", ".gamma"),
+    (r"^layernorm\.", "head.norm."),
+    (r"^classifier\.", "head.fc."),
 ]
 OFFICIAL_RENAMES = [  # official dense code: ConvNeXt V1/V2 fine-tuned, released *_fcmae.pt, isotropic V1
     (r"^encoder\.", ""),
     (r"^downsample_layers\.0\.", "stem."),
     (r"^downsample_layers\.(\d+)\.(\d)\.", r"stages.\1.downsample.\2."),
     (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^blocks\.(\d+)\.", r"stages.0.blocks.\1."), (r"^stem\.(weight|bias)$", r"stem.0.\1"),
-    (r"\.ln\.", "."), (r"\.linear\.", "."), (r"\.kernel$", ".weight"),
-    (r"\.dwconv\.", ".conv_dw."), (r"\.pwconv1\.", ".mlp.fc1."), (r"\.pwconv2\.", ".mlp.fc2."),
-    (r"\.grn\.gamma$", ".mlp.grn.weight"), (r"\.grn\.beta$", ".mlp.grn.bias"),
-    (r"^norm\.", "head.norm."), (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    (r"^blocks\.(\d+)\.", r"stages.0.blocks.\1."),
+    (r"^stem\.(weight|bias)$", r"stem.0.\1"),
+    (r"\.ln\.", "."),
+    (r"\.linear\.", "."),
+    (r"\.kernel$", ".weight"),
+    (r"\.dwconv\.", ".conv_dw."),
+    (r"\.pwconv1\.", ".mlp.fc1."),
+    (r"\.pwconv2\.", ".mlp.fc2."),
+    (r"\.grn\.gamma$", ".mlp.grn.weight"),
+    (r"\.grn\.beta$", ".mlp.grn.bias"),
+    (r"^norm\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
 ]
 FCMAE_RENAMES = [(r"^encoder\.", "")]  # fcmae's FCMAE model: the encoder is a plain ConvNeXt
 
@@ -46,15 +58,19 @@ def detect_layout(sd: dict[str, torch.Tensor]) -> str:
         return "transformers"
     if any(k.endswith(".kernel") for k in keys):
         return "official-minkowski"
-    if any(k.startswith(("downsample_layers.", "encoder.downsample_layers.")) or re.match(r"blocks\.\d+\.dwconv", k)
-           for k in keys):
+    if any(
+        k.startswith(("downsample_layers.", "encoder.downsample_layers.")) or re.match(r"blocks\.\d+\.dwconv", k)
+        for k in keys
+    ):
         return "official"
     if any(k.startswith("encoder.stem.") for k in keys):
         return "fcmae-pretrain"
     if any(k.startswith("stem.") for k in keys):
         return "timm"  # also fcmae's own: the same names
-    raise ValueError(f"Unrecognised checkpoint layout (first keys: {list(keys)[:5]}). fcmae reads its own, timm, "
-                     "transformers ConvNext(V2) and the official ConvNeXt(V2) layouts.")
+    raise ValueError(
+        f"Unrecognised checkpoint layout (first keys: {list(keys)[:5]}). fcmae reads its own, timm, "
+        "transformers ConvNext(V2) and the official ConvNeXt(V2) layouts."
+    )
 
 
 def rename_keys(sd: dict, table: list[tuple[str, str]]) -> dict:
@@ -101,8 +117,13 @@ def convert_state_dict(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, torc
         sd = {k: v for k, v in sd.items() if k.startswith(encoder)}
     else:
         ignored = []
-    table = {"transformers": HF_RENAMES, "official": OFFICIAL_RENAMES, "official-minkowski": OFFICIAL_RENAMES, "fcmae-pretrain": FCMAE_RENAMES,
-             "timm": []}[layout]
+    table = {
+        "transformers": HF_RENAMES,
+        "official": OFFICIAL_RENAMES,
+        "official-minkowski": OFFICIAL_RENAMES,
+        "fcmae-pretrain": FCMAE_RENAMES,
+        "timm": [],
+    }[layout]
     return layout, normalise_shapes(rename_keys(sd, table), layout), ignored
 
 
@@ -128,6 +149,8 @@ def infer_model_name(sd: dict[str, torch.Tensor], metadata: dict[str, str], what
         return metadata["model"]
     arch = describe_architecture(sd)
     if arch not in list_models():
-        raise ValueError(f"{what} holds {arch}, which is no registered model: pass --model (one of "
-                         f"{', '.join(list_models('convnextv2_*'))}, ...).")
+        raise ValueError(
+            f"{what} holds {arch}, which is no registered model: pass --model (one of "
+            f"{', '.join(list_models('convnextv2_*'))}, ...)."
+        )
     return arch

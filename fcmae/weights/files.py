@@ -1,5 +1,6 @@
 """Files written atomically: under a temporary name in the same folder, then renamed, so a crash
 never leaves a half-written file under the real name."""
+
 from __future__ import annotations
 
 import os

@@ -24,6 +24,7 @@ An encoder-only checkpoint exports with num_classes 0 and a fresh head.norm (wei
 that timm's strict loading finds every key. Push reads its token from HF_TOKEN or the login cache
 through huggingface_hub only: fcmae never reads, prints or writes it.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,17 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("timm", "transformers", "fcmae", "onnx")
 ALIASES = {"both": ("timm", "transformers"), "all": ("timm", "transformers", "fcmae")}
-EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "preprocessor_config.json", "fcmae.safetensors",
-                "fcmae_config.json", "transformers", "model.onnx", "onnx_config.json")
+EXPORT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "preprocessor_config.json",
+    "fcmae.safetensors",
+    "fcmae_config.json",
+    "transformers",
+    "model.onnx",
+    "onnx_config.json",
+)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPTIONS = frozenset({"model", "num_classes", "label_names", "license", "datasets", "tag", "repo_id", "onnx_size"})
 __all__ = ["export", "export_and_push", "load_fcmae_weights", "parse_formats", "push"]
@@ -98,9 +108,14 @@ def prepare(found: Found, options: dict) -> ConvNeXtExport:
     src_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
     num_classes = src_classes if options.get("num_classes") is None else int(options["num_classes"])
     if num_classes not in (0, src_classes):
-        raise ValueError(f"--num-classes {num_classes}, but {path} has " + (
-            f"a {src_classes}-class classifier: export it as is (or with 0 for the features only)." if src_classes
-            else "no classifier (an encoder-only checkpoint): export it with --num-classes 0, or fine-tune first."))
+        raise ValueError(
+            f"--num-classes {num_classes}, but {path} has "
+            + (
+                f"a {src_classes}-class classifier: export it as is (or with 0 for the features only)."
+                if src_classes
+                else "no classifier (an encoder-only checkpoint): export it with --num-classes 0, or fine-tune first."
+            )
+        )
     names = options.get("label_names")
     labels = (read_label_names(names) if isinstance(names, (str, Path)) else names) or run.label_names
     labels = [str(x) for x in labels] if labels and num_classes else None
@@ -111,16 +126,36 @@ def prepare(found: Found, options: dict) -> ConvNeXtExport:
     load_checkpoint(net, sd)
     cfg = {**run.config, **{k: run.metadata[k] for k in ("input_size", "crop_pct") if k in run.metadata}}
     size = int(cfg.get("input_size") or 224)
-    data = dict(input_size=size, crop_pct=float(cfg.get("crop_pct") or (0.875 if size < 384 else 1.0)),
-                mean=tuple(cfg.get("mean") or IMAGENET_MEAN), std=tuple(cfg.get("std") or IMAGENET_STD))
+    data = dict(
+        input_size=size,
+        crop_pct=float(cfg.get("crop_pct") or (0.875 if size < 384 else 1.0)),
+        mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
+        std=tuple(cfg.get("std") or IMAGENET_STD),
+    )
     if len(data["mean"]) != in_chans or len(data["std"]) != in_chans:
-        raise ValueError(f"{path} takes {in_chans} input channels, but its run records no per-channel mean/std for "
-                         "them: export from the run directory (its config.yaml has --mean/--std).")
+        raise ValueError(
+            f"{path} takes {in_chans} input channels, but its run records no per-channel mean/std for "
+            "them: export from the run directory (its config.yaml has --mean/--std)."
+        )
     datasets = _datasets(options.get("datasets"), cfg)
     tag = options.get("tag") or ("fcmae_ft" if num_classes else "fcmae") + (
-        "_" + re.sub(r"[^a-z0-9]+", "_", datasets[0].split("/")[-1].lower()).strip("_") if datasets else "")
-    return ConvNeXtExport(path, weights.layout, weights.ignored, run, net, num_classes, labels, data, datasets, tag,
-                          options.get("license") or "apache-2.0", options.get("repo_id"), options.get("onnx_size"))
+        "_" + re.sub(r"[^a-z0-9]+", "_", datasets[0].split("/")[-1].lower()).strip("_") if datasets else ""
+    )
+    return ConvNeXtExport(
+        path,
+        weights.layout,
+        weights.ignored,
+        run,
+        net,
+        num_classes,
+        labels,
+        data,
+        datasets,
+        tag,
+        options.get("license") or "apache-2.0",
+        options.get("repo_id"),
+        options.get("onnx_size"),
+    )
 
 
 def _datasets(given, cfg: dict) -> list[str]:
@@ -130,8 +165,11 @@ def _datasets(given, cfg: dict) -> list[str]:
 
 def _model_name(model: str | None, run, path: Path) -> str:
     exported = path.parent / "config.json"  # an export (timm's config.json names the architecture)
-    recorded = run.metadata.get("model") or run.config.get("model") or (
-        json.loads(exported.read_text()).get("architecture") if exported.is_file() else None)
+    recorded = (
+        run.metadata.get("model")
+        or run.config.get("model")
+        or (json.loads(exported.read_text()).get("architecture") if exported.is_file() else None)
+    )
     if model and recorded and model != recorded:
         raise ValueError(f"--model {model}, but {path} records model {recorded}: pass --model {recorded}.")
     if not (model or recorded):
@@ -153,8 +191,13 @@ def _fcmae(ctx: ConvNeXtExport, out: Path, formats) -> None:
 
 
 def _onnx(ctx: ConvNeXtExport, out: Path, formats) -> None:
-    config = dict(architecture=ctx.net.name, num_classes=ctx.num_classes, label_names=ctx.labels, **ctx.data,
-                  output="logits" if ctx.num_classes else "pooled features (N, C), timm's pre-logits")
+    config = dict(
+        architecture=ctx.net.name,
+        num_classes=ctx.num_classes,
+        label_names=ctx.labels,
+        **ctx.data,
+        output="logits" if ctx.num_classes else "pooled features (N, C), timm's pre-logits",
+    )
     module = ctx.net if ctx.num_classes else PreLogits(ctx.net).eval()
     write_onnx(module, out, ctx.net.in_chans, ctx.onnx_size or ctx.data["input_size"], config, multiple=32)
 
@@ -172,49 +215,105 @@ class PreLogits(nn.Module):
 
 def card(ctx: ConvNeXtExport, out: Path, formats) -> str:
     params = sum(v.numel() for v in ctx.net.state_dict().values())
-    return render_card(arch=ctx.net.name, cfg=ctx.net.cfg, num_classes=ctx.num_classes, params=params,
-                       formats=list(formats), license=ctx.license, tag=ctx.tag, datasets=ctx.datasets, run=ctx.run,
-                       repo_id=ctx.repo_id, fcmae_args=ctx.fcmae_args, **ctx.data)
+    return render_card(
+        arch=ctx.net.name,
+        cfg=ctx.net.cfg,
+        num_classes=ctx.num_classes,
+        params=params,
+        formats=list(formats),
+        license=ctx.license,
+        tag=ctx.tag,
+        datasets=ctx.datasets,
+        run=ctx.run,
+        repo_id=ctx.repo_id,
+        fcmae_args=ctx.fcmae_args,
+        **ctx.data,
+    )
 
 
 WRITERS = {"timm": _timm, "transformers": _transformers, "fcmae": _fcmae, "onnx": _onnx}
 
 
 def _convnext_kind(name: str, fmt: str, files: tuple[str, ...], default=("timm",)) -> Kind:
-    return register(Kind(name, fmt, files, load=load_convnext, exporters=WRITERS, default_formats=default,
-                         options=OPTIONS, aliases=ALIASES, prepare=prepare, card=card, outputs=EXPORT_FILES))
+    return register(
+        Kind(
+            name,
+            fmt,
+            files,
+            load=load_convnext,
+            exporters=WRITERS,
+            default_formats=default,
+            options=OPTIONS,
+            aliases=ALIASES,
+            prepare=prepare,
+            card=card,
+            outputs=EXPORT_FILES,
+        )
+    )
 
 
 def load_convnext(source):
     """The fcmae ConvNeXt a source holds (its head when it has one), in eval mode."""
     weights = open_weights(source)
     num_classes = weights.state_dict["head.fc.weight"].shape[0] if "head.fc.weight" in weights.state_dict else 0
-    net = create_model(weights.model_name(str(source)), num_classes=num_classes,
-                       in_chans=stem_channels(weights.state_dict) or 3)
+    net = create_model(
+        weights.model_name(str(source)), num_classes=num_classes, in_chans=stem_channels(weights.state_dict) or 3
+    )
     load_checkpoint(net, weights)
     return net.eval()
 
 
 ENCODER = _convnext_kind("encoder", "fcmae-encoder", ("encoder.safetensors",))
 FCMAE = _convnext_kind("fcmae", "fcmae", ("fcmae.safetensors",), default=("fcmae",))
-CLASSIFIER = _convnext_kind("classifier", "fcmae-classifier", ("best.safetensors", "best_ema.safetensors",
-                                                               "last.safetensors"))
+CLASSIFIER = _convnext_kind(
+    "classifier", "fcmae-classifier", ("best.safetensors", "best_ema.safetensors", "last.safetensors")
+)
 
 
-def export(checkpoint, out, *, formats=("timm",), overwrite: bool = False, model: str | None = None,
-           num_classes: int | None = None, label_names=None, license: str = "apache-2.0", datasets=(),
-           tag: str | None = None, repo_id: str | None = None, onnx_size=None) -> Path:
+def export(
+    checkpoint,
+    out,
+    *,
+    formats=("timm",),
+    overwrite: bool = False,
+    model: str | None = None,
+    num_classes: int | None = None,
+    label_names=None,
+    license: str = "apache-2.0",
+    datasets=(),
+    tag: str | None = None,
+    repo_id: str | None = None,
+    onnx_size=None,
+) -> Path:
     """Write a Hub-ready folder ``out`` from a ConvNeXt ``checkpoint``; returns ``out``. ``label_names``:
     a list or a file (JSON list / mapping, or one name a line); by default read from the run.
     ``num_classes`` defaults to the checkpoint's (0 for an encoder)."""
     parse_formats(formats)
-    return export_kind(checkpoint, out, formats, overwrite=overwrite, model=model, num_classes=num_classes,
-                       label_names=label_names, license=license, datasets=datasets, tag=tag, repo_id=repo_id,
-                       onnx_size=onnx_size)
+    return export_kind(
+        checkpoint,
+        out,
+        formats,
+        overwrite=overwrite,
+        model=model,
+        num_classes=num_classes,
+        label_names=label_names,
+        license=license,
+        datasets=datasets,
+        tag=tag,
+        repo_id=repo_id,
+        onnx_size=onnx_size,
+    )
 
 
-def push(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, api: HfApi | None = None) -> str:
+def push(
+    folder,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    api: HfApi | None = None,
+) -> str:
     """create_repo (exist_ok) + upload_folder of ``folder``; returns the commit (or repo) URL. The token is
     huggingface_hub's business (HF_TOKEN or the login cache). ``private`` applies to a new repo only."""
     folder = Path(folder)
@@ -224,15 +323,30 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str | None = 
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-                             commit_message=commit_message or f"Upload {folder.name} (fcmae {__version__})")
+    info = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message or f"Upload {folder.name} (fcmae {__version__})",
+    )
     url = str(getattr(info, "commit_url", None) or repo_url)
     log.info("pushed %s to %s", folder, url)
     return url
 
 
-def export_and_push(source, repo_id: str, *, out=None, private: bool = False, revision: str | None = None,
-                    commit_message: str | None = None, api: HfApi | None = None, formats=None, **options) -> str:
+def export_and_push(
+    source,
+    repo_id: str,
+    *,
+    out=None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    api: HfApi | None = None,
+    formats=None,
+    **options,
+) -> str:
     """For a run's ``--push-to-hub OWNER/NAME`` (main process only): export ``source`` as its kind to
     ``out`` (default ``<run dir>/hub``, replaced) and push. Options the kind does not take are left out
     (a run passes what it knows of itself)."""
@@ -249,11 +363,13 @@ def main(argv: list[str] | None = None, prog: str = "fcmae") -> None:
     turn them into one line and exit status 2)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_export_arguments(sub.add_parser("export", help="write a Hub-ready folder of any fcmae artifact",
-                                        allow_abbrev=False))
+    add_export_arguments(
+        sub.add_parser("export", help="write a Hub-ready folder of any fcmae artifact", allow_abbrev=False)
+    )
     p = sub.add_parser("push", help="upload an exported folder to the Hub", allow_abbrev=False)
     p.add_argument("--folder", required=True)
     p.add_argument("--repo-id", required=True)
@@ -266,16 +382,27 @@ def main(argv: list[str] | None = None, prog: str = "fcmae") -> None:
         out = export_kind(args.pop("checkpoint"), args.pop("out"), args.pop("format"), **args)
         print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     else:
-        url = push(args["folder"], args["repo_id"], private=args["private"], revision=args["revision"],
-                   commit_message=args["commit_message"])
+        url = push(
+            args["folder"],
+            args["repo_id"],
+            private=args["private"],
+            revision=args["revision"],
+            commit_message=args["commit_message"],
+        )
         print(f"pushed {args['folder']} to {url}")
 
 
 def add_export_arguments(parser) -> None:
-    kinds = "; ".join(f"{k.name}: {', '.join([*k.exporters, *k.aliases])} (default {','.join(k.default_formats)})"
-                      for k in KINDS.values())
-    parser.add_argument("--checkpoint", required=True, help="a run folder, a weights file, an export, hf-hub:OWNER/NAME")
-    parser.add_argument("--out", required=True, help="the folder to write (empty, or an earlier export with --overwrite)")
+    kinds = "; ".join(
+        f"{k.name}: {', '.join([*k.exporters, *k.aliases])} (default {','.join(k.default_formats)})"
+        for k in KINDS.values()
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a run folder, a weights file, an export, hf-hub:OWNER/NAME"
+    )
+    parser.add_argument(
+        "--out", required=True, help="the folder to write (empty, or an earlier export with --overwrite)"
+    )
     parser.add_argument("--format", help=f"comma-separated; per kind: {kinds}")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     for name, text in EXPORT_OPTIONS.items():

@@ -1,5 +1,6 @@
 """Loading weights strictly: read a source once, convert it to fcmae's names once, load it into a
 model, and report what was loaded and what was deliberately left out."""
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def read_state_dict(source, use_ema: bool = False) -> dict[str, torch.Tensor]:
                 with torch.serialization.safe_globals([argparse.Namespace]):
                     obj = torch.load(source, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(f"Could not read checkpoint {source}: {e}. fcmae reads safetensors files and "
-                                 "PyTorch pickles of plain types (weights_only=True).") from e
+                raise ValueError(
+                    f"Could not read checkpoint {source}: {e}. fcmae reads safetensors files and "
+                    "PyTorch pickles of plain types (weights_only=True)."
+                ) from e
     else:
         obj = source
     if not isinstance(obj, dict):
@@ -72,7 +75,9 @@ def read_state_dict(source, use_ema: bool = False) -> dict[str, torch.Tensor]:
         if inner is None:
             raise ValueError(f"No tensors found in checkpoint (top-level keys: {sorted(obj)[:10]}).")
         obj = inner
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = {
+        k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items() if isinstance(v, torch.Tensor)
+    }
     return sd
 
 
@@ -98,17 +103,20 @@ def open_weights(source, use_ema: bool = False, names: tuple[str, ...] | None = 
     if isinstance(source, (str, os.PathLike)):
         path = find_weights(source, names) if names else find_weights(source)
     layout, sd, ignored = convert_state_dict(read_state_dict(path or source, use_ema=use_ema))
-    return Weights(str(source) if path else "<state dict>", path, layout, sd, ignored,
-                   read_metadata(path) if path else {})
+    return Weights(
+        str(source) if path else "<state dict>", path, layout, sd, ignored, read_metadata(path) if path else {}
+    )
 
 
-def load_checkpoint(model: nn.Module, source, *, drop_head: bool = False, use_ema: bool = False,
-                    adapt_in_chans: bool = False) -> LoadReport:
+def load_checkpoint(
+    model: nn.Module, source, *, drop_head: bool = False, use_ema: bool = False, adapt_in_chans: bool = False
+) -> LoadReport:
     """Load ``source`` into a ``ConvNeXt`` strictly, whatever its layout.
 
     ``source``: a file path, a directory with an exported model, ``hf-hub:owner/name[@rev]``, a
-    ``Weights`` from ``open_weights``, or a state dict (wrappers ``model`` / ``state_dict`` / ``model_ema`` unwrapped). A missing head and
-    final norm are allowed only when the source has no head at all (an encoder-only checkpoint);
+    ``Weights`` from ``open_weights``, or a state dict (wrappers ``model`` / ``state_dict`` /
+    ``model_ema`` unwrapped). A missing head and final norm are allowed only when the source has no
+    head at all (an encoder-only checkpoint);
     ``drop_head=True`` discards the source's classifier (for a new class count). Anything else
     missing, unexpected or mis-shaped raises ``ValueError`` listing the keys. ``adapt_in_chans=True``
     lets an RGB stem load into a model built with another ``in_chans``, adapted as timm's
@@ -129,30 +137,45 @@ def load_checkpoint(model: nn.Module, source, *, drop_head: bool = False, use_em
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     has_head = any(k.startswith("head.") for k in sd)
     missing = [k for k in own if k not in sd]
-    allowed = [k for k in missing if k in HEAD_KEYS and not has_head or drop_head and k.startswith("head.fc.")]
+    allowed = [k for k in missing if (k in HEAD_KEYS and not has_head) or (drop_head and k.startswith("head.fc."))]
     missing = [k for k in missing if k not in allowed]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sd if k in own and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        src_arch, own_arch = describe_architecture(sd), getattr(model, "name", None) or type(model).__name__
-        msg = [f"Checkpoint ({layout} layout) does not fit the model: it holds {src_arch}, the model is {own_arch}."]
-        for title, keys in (("missing from checkpoint", missing), ("unexpected in checkpoint", unexpected),
-                            ("shape mismatch", shapes)):
-            if keys:
-                msg.append(f"{title} ({len(keys)}): " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
-        src_c, own_c = stem_channels(sd), stem_channels(own)
-        if src_c and own_c and src_c != own_c:
-            msg.append(f"The checkpoint's stem takes {src_c} input channels, the model's {own_c}: " + (
-                "pass adapt_in_chans=True to adapt the RGB stem as timm does (adapt_input_conv)" if src_c == 3
-                else f"create the model with in_chans={src_c}") + ".")
-        msg.append("Create the model that matches the checkpoint (fcmae.list_models() lists them)"
-                   + ("" if drop_head else ", or pass drop_head=True to replace only the classifier") + ".")
-        raise ValueError("\n".join(msg))
+        raise ValueError(_misfit(model, sd, own, layout, drop_head, missing, unexpected, shapes))
     model.load_state_dict(sd, strict=False)
     report = LoadReport(layout, missing=allowed, ignored=ignored, adapted=adapted)
     log.info("%s", report)
     return report
+
+
+def _misfit(model, sd: dict, own: dict, layout: str, drop_head: bool, missing, unexpected, shapes) -> str:
+    """The message of a checkpoint that does not fit the model: the keys, and the fix."""
+    src_arch, own_arch = describe_architecture(sd), getattr(model, "name", None) or type(model).__name__
+    msg = [f"Checkpoint ({layout} layout) does not fit the model: it holds {src_arch}, the model is {own_arch}."]
+    titled = (
+        ("missing from checkpoint", missing),
+        ("unexpected in checkpoint", unexpected),
+        ("shape mismatch", shapes),
+    )
+    for title, keys in titled:
+        if keys:
+            msg.append(f"{title} ({len(keys)}): " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
+    src_c, own_c = stem_channels(sd), stem_channels(own)
+    if src_c and own_c and src_c != own_c:
+        fix = (
+            "pass adapt_in_chans=True to adapt the RGB stem as timm does (adapt_input_conv)"
+            if src_c == 3
+            else f"create the model with in_chans={src_c}"
+        )
+        msg.append(f"The checkpoint's stem takes {src_c} input channels, the model's {own_c}: {fix}.")
+    other = "" if drop_head else ", or pass drop_head=True to replace only the classifier"
+    msg.append(f"Create the model that matches the checkpoint (fcmae.list_models() lists them){other}.")
+    return "\n".join(msg)
 
 
 def load_encoder(model: nn.Module, source, what: str = "--from-fcmae") -> LoadReport:
@@ -163,8 +186,10 @@ def load_encoder(model: nn.Module, source, what: str = "--from-fcmae") -> LoadRe
     try:
         report = load_checkpoint(model, source, drop_head=True, adapt_in_chans=True)
     except ValueError as e:
-        raise ValueError(f"{what}: {e}\nPass the --model the checkpoint was trained as, or leave --model out to "
-                         "take the checkpoint's.") from None
+        raise ValueError(
+            f"{what}: {e}\nPass the --model the checkpoint was trained as, or leave --model out to "
+            "take the checkpoint's."
+        ) from None
     model.load_state_dict(fresh_head, strict=False)
     kept = [k for k in fresh_head if k not in report.missing]
     report.ignored += [k for k in kept if k.startswith("head.norm.")]  # the source's final norm: not used

@@ -5,6 +5,7 @@ checkpoint), or ``hf-hub:OWNER/NAME[@REVISION]`` (downloaded, or found in the lo
 HF_HUB_OFFLINE is set). ``find_weights`` turns it into one file; ``read_metadata`` reads the
 safetensors metadata fcmae writes beside the tensors (model name, classes, input size, step).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,17 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import safe_open
 
 # what a directory may hold, in the order looked for
-DIR_FILES = ("model.safetensors", "encoder.safetensors", "best.safetensors", "fcmae.safetensors", "pytorch_model.bin",
-             "model.pt", "model.pth", "checkpoint.pth", "checkpoint.pt")
+DIR_FILES = (
+    "model.safetensors",
+    "encoder.safetensors",
+    "best.safetensors",
+    "fcmae.safetensors",
+    "pytorch_model.bin",
+    "model.pt",
+    "model.pth",
+    "checkpoint.pth",
+    "checkpoint.pt",
+)
 POSITION = "position.json"  # marks a complete training checkpoint (written last)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -27,8 +37,9 @@ def complete_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / POSITION).is_file()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / POSITION).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -50,8 +61,10 @@ def find_weights(source: str | os.PathLike, names: tuple[str, ...] = DIR_FILES) 
     ckpts = complete_checkpoints(path / "checkpoints")
     if ckpts and (ckpts[-1] / "model.safetensors").is_file():
         return ckpts[-1] / "model.safetensors"
-    raise FileNotFoundError(f"No weights in directory {path}: expected one of {', '.join(names)}, or a run directory "
-                            "with checkpoints/step_N.")
+    raise FileNotFoundError(
+        f"No weights in directory {path}: expected one of {', '.join(names)}, or a run directory "
+        "with checkpoints/step_N."
+    )
 
 
 def _hub_file(repo_id: str, names: tuple[str, ...]) -> Path:
@@ -65,8 +78,10 @@ def _hub_file(repo_id: str, names: tuple[str, ...]) -> Path:
         except EntryNotFoundError:
             continue
     if offline is not None:
-        raise FileNotFoundError(f"hf-hub:{repo_id}: {' / '.join(names)} not in the local cache and the Hub cannot be "
-                                "reached (HF_HUB_OFFLINE set or no network).") from offline
+        raise FileNotFoundError(
+            f"hf-hub:{repo_id}: {' / '.join(names)} not in the local cache and the Hub cannot be "
+            "reached (HF_HUB_OFFLINE set or no network)."
+        ) from offline
     raise FileNotFoundError(f"hf-hub:{repo_id} holds none of {', '.join(names)}.")
 
 

@@ -1,8 +1,8 @@
 """Classification's evaluation: top-1 / top-5 over a validation loader, and ``--eval-only``."""
+
 from __future__ import annotations
 
 import torch
-
 
 
 @torch.no_grad()

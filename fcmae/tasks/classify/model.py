@@ -1,5 +1,6 @@
 """The classifier: a ConvNeXt built from a pretrained encoder (``--from-fcmae``) with a fresh head,
 its layer-wise lr decay, and its loss (timm's Mixup/CutMix, label smoothing)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,13 @@ from ...weights import LoadReport, load_encoder, open_pretrained
 def build_classifier(cfg, num_classes: int) -> tuple[torch.nn.Module, LoadReport | None]:
     """``cfg.model`` (or the source's), its encoder from ``cfg.from_fcmae``, a fresh head."""
     weights, name = open_pretrained(cfg.from_fcmae, cfg.model)
-    model = create_model(name, num_classes=num_classes, drop_path_rate=cfg.drop_path,
-                         head_init_scale=cfg.head_init_scale, in_chans=cfg.in_chans)
+    model = create_model(
+        name,
+        num_classes=num_classes,
+        drop_path_rate=cfg.drop_path,
+        head_init_scale=cfg.head_init_scale,
+        in_chans=cfg.in_chans,
+    )
     report = load_encoder(model, weights, f"--from-fcmae {cfg.from_fcmae}") if weights is not None else None
     if cfg.linear_probe:
         for n, p in model.named_parameters():
@@ -39,5 +45,12 @@ def criterion(cfg, mixup_active: bool) -> torch.nn.Module:
 def mixup_fn(cfg, num_classes: int):
     if not (cfg.mixup > 0 or cfg.cutmix > 0):
         return None
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
-                 mode=cfg.mixup_mode, label_smoothing=cfg.smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=cfg.smoothing,
+        num_classes=num_classes,
+    )

@@ -11,6 +11,7 @@ looked for in: --labels, the checkpoint's metadata, the run's labels.txt; else "
 Every readable image is predicted; each unreadable one is named with its reason on stderr, and the
 command then exits with status 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,21 @@ from .artifact import load_classifier
 
 
 @torch.no_grad()
-def predict(model, images, input_size: int, crop_pct: float | None = None, topk: int = 5, batch_size: int = 32,
-            mean=None, std=None):
+def predict(
+    model,
+    images,
+    input_size: int,
+    crop_pct: float | None = None,
+    topk: int = 5,
+    batch_size: int = 32,
+    mean=None,
+    std=None,
+):
     """[(path, [(class index, probability), ...])] for each (path, PIL image or array), best first."""
     tf = by_input("eval", input_size, mean, std, crop_pct=crop_pct)
     results = []
     for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
+        chunk = images[i : i + batch_size]
         probs = model(torch.stack([tf(im) for _, im in chunk])).float().softmax(dim=1)
         top = probs.topk(min(topk, probs.shape[1]), dim=1)
         results += [(p, list(zip(j.tolist(), v.tolist()))) for (p, _), j, v in zip(chunk, top.indices, top.values)]

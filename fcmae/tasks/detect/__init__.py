@@ -2,6 +2,7 @@
 deprecated size names), ``model`` (torchvision's Mask R-CNN on a ConvNeXt FPN backbone, encoder load,
 layer decay), ``loop`` (fine-tuning and --eval-only), ``evaluation`` (COCOeval), ``artifact``
 (weights, load-back, the ``detector`` kind and its export), ``predict`` (drawn detections of images)."""
+
 from ...weights.artifacts import attach
 from . import predict
 from .artifact import export_detector, load_detector

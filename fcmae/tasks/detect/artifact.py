@@ -2,6 +2,7 @@
 detector with its model, categories, sizes and whether it has masks in the metadata) and the
 ``detector`` artifact kind: an exported folder (model.safetensors, config.json, a model card) that
 ``load_detector`` reads back in two lines."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,18 @@ def detector_metadata(cfg, cats: det.CategoryMap, **extra) -> dict[str, str]:
     """safetensors metadata of a detector: what ``load_detector`` needs to rebuild it. ``input_size``
     is the evaluation short side, the name detector files have always used for it."""
     eval_size = cfg.task.eval_size
-    meta = dict(format=FORMAT, model=cfg.model, num_classes=cats.num_classes, categories=json.dumps(cats.to_dict()),
-                input_size=eval_size, eval_short_side=eval_size, train_size=cfg.task.train_scale, jitter=cfg.jitter,
-                masks=json.dumps(cfg.masks), **extra)
+    meta = dict(
+        format=FORMAT,
+        model=cfg.model,
+        num_classes=cats.num_classes,
+        categories=json.dumps(cats.to_dict()),
+        input_size=eval_size,
+        eval_short_side=eval_size,
+        train_size=cfg.task.train_scale,
+        jitter=cfg.jitter,
+        masks=json.dumps(cfg.masks),
+        **extra,
+    )
     return {k: str(v) for k, v in meta.items()}
 
 
@@ -43,11 +53,14 @@ def load_detector(source) -> torch.nn.Module:
     ``model.info`` its metadata (model, input_size (the evaluation short side), masks, ...)."""
     path = find_weights(source, WEIGHT_FILES)
     config = path.with_name("config.json")
-    meta = json.loads(config.read_text()) if path.name == "model.safetensors" and config.is_file() else \
-        read_metadata(path)
+    meta = (
+        json.loads(config.read_text()) if path.name == "model.safetensors" and config.is_file() else read_metadata(path)
+    )
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a detector saved by fcmae (format {meta.get('format')!r}); give a detection "
-                         "run directory, its best.safetensors, or an exported detector folder.")
+        raise ValueError(
+            f"{path} is not a detector saved by fcmae (format {meta.get('format')!r}); give a detection "
+            "run directory, its best.safetensors, or an exported detector folder."
+        )
     cats = _read(meta, "categories")
     cats = det.CategoryMap([c["id"] for c in cats["categories"]], [c["name"] for c in cats["categories"]])
     masks, eval_size = bool(_read(meta, "masks")), int(meta.get("eval_short_side") or meta["input_size"])
@@ -67,8 +80,9 @@ class DetectorExport:
 
 def prepare(found: Found, options: dict) -> DetectorExport:
     datasets = [d for x in options.get("datasets") or () for d in str(x).split(",") if d]
-    return DetectorExport(load_detector(found.path), options.get("license") or "apache-2.0", datasets,
-                          options.get("repo_id"))
+    return DetectorExport(
+        load_detector(found.path), options.get("license") or "apache-2.0", datasets, options.get("repo_id")
+    )
 
 
 def write_detector(ctx: DetectorExport, out: Path, formats) -> None:
@@ -76,10 +90,16 @@ def write_detector(ctx: DetectorExport, out: Path, formats) -> None:
     sizes, masks, and the run's step and box mAP)."""
     net = ctx.net
     shutil.copyfile(net.info["path"], out / "model.safetensors")
-    info = {"format": FORMAT, "model": net.info["model"], "num_classes": net.categories.num_classes,
-            "categories": net.categories.to_dict(), "input_size": net.info["input_size"],
-            "eval_short_side": net.info["input_size"], "masks": net.info["masks"],
-            **{k: net.info[k] for k in ("step", "bbox_mAP", "train_size", "jitter") if k in net.info}}
+    info = {
+        "format": FORMAT,
+        "model": net.info["model"],
+        "num_classes": net.categories.num_classes,
+        "categories": net.categories.to_dict(),
+        "input_size": net.info["input_size"],
+        "eval_short_side": net.info["input_size"],
+        "masks": net.info["masks"],
+        **{k: net.info[k] for k in ("step", "bbox_mAP", "train_size", "jitter") if k in net.info},
+    }
     (out / "config.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
@@ -88,10 +108,18 @@ def card(ctx: DetectorExport, out: Path, formats) -> str:
     kind = "Mask R-CNN" if net.info["masks"] else "Faster R-CNN"
     names = ", ".join(net.categories.names)
     score = f" Validation box mAP: {float(net.info['bbox_mAP']):.4f}." if "bbox_mAP" in net.info else ""
-    head = ["---", "library_name: fcmae", f"license: {ctx.license}", "pipeline_tag: object-detection",
-            "tags: [object-detection, convnextv2, fcmae, torchvision]"] + (
-        [f"datasets: [{', '.join(ctx.datasets)}]"] if ctx.datasets else []) + ["---"]
-    where = f"snapshot_download(\"{ctx.repo_id}\")" if ctx.repo_id else '"DIR"'
+    head = (
+        [
+            "---",
+            "library_name: fcmae",
+            f"license: {ctx.license}",
+            "pipeline_tag: object-detection",
+            "tags: [object-detection, convnextv2, fcmae, torchvision]",
+        ]
+        + ([f"datasets: [{', '.join(ctx.datasets)}]"] if ctx.datasets else [])
+        + ["---"]
+    )
+    where = f'snapshot_download("{ctx.repo_id}")' if ctx.repo_id else '"DIR"'
     get = "from huggingface_hub import snapshot_download\n" if ctx.repo_id else ""
     return "\n".join(head) + (
         f"\n\n# {kind} FPN on {net.info['model']}\n\ntorchvision's {kind} on a ConvNeXt FPN backbone whose encoder "
@@ -99,8 +127,10 @@ def card(ctx: DetectorExport, out: Path, formats) -> str:
         f"scale: short side {net.info['input_size']}.{score}\n\n## Use\n\n```python\n{get}"
         f"from fcmae.tasks.detect import load_detector\nmodel = load_detector({where})  "
         "# eval mode; model([image (3, H, W) in [0, 1]]) -> boxes, labels, scores"
-        + (", masks" if net.info["masks"] else "") + "\n```\n\nLabels are 1..K; `model.categories.label_to_cat` maps "
-        "them to the dataset's category ids.\n")
+        + (", masks" if net.info["masks"] else "")
+        + "\n```\n\nLabels are 1..K; `model.categories.label_to_cat` maps "
+        "them to the dataset's category ids.\n"
+    )
 
 
 def export_detector(checkpoint, out, overwrite: bool = False, **options) -> Path:
@@ -111,6 +141,17 @@ def export_detector(checkpoint, out, overwrite: bool = False, **options) -> Path
     return export(find_weights(checkpoint, WEIGHT_FILES), out, ("detector",), overwrite=overwrite, **options)
 
 
-KIND = register(Kind("detector", FORMAT, WEIGHT_FILES[:2], load=load_detector, exporters={"detector": write_detector},
-                     default_formats=("detector",), options=frozenset({"license", "datasets", "repo_id"}),
-                     prepare=prepare, card=card, outputs=EXPORT_FILES))
+KIND = register(
+    Kind(
+        "detector",
+        FORMAT,
+        WEIGHT_FILES[:2],
+        load=load_detector,
+        exporters={"detector": write_detector},
+        default_formats=("detector",),
+        options=frozenset({"license", "datasets", "repo_id"}),
+        prepare=prepare,
+        card=card,
+        outputs=EXPORT_FILES,
+    )
+)

@@ -1,4 +1,5 @@
 """Detection's config: its own fields, the recipe, and the deprecated names of its sizes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,13 +10,16 @@ from ...training.config import Alias, Config, help_field
 
 @dataclass
 class DetectTask:
-    jitter: str = help_field("multiscale (ConvNeXt 3x) | lsj (large-scale jitter, ConvNeXt-V2 mmdet config)",
-                             "multiscale")
-    train_short_side: int = help_field("multiscale: the largest training short side S; short sides S x (480..800)/800, "
-                                       "long sides <= S x 1333/800", 800)
+    jitter: str = help_field(
+        "multiscale (ConvNeXt 3x) | lsj (large-scale jitter, ConvNeXt-V2 mmdet config)", "multiscale"
+    )
+    train_short_side: int = help_field(
+        "multiscale: the largest training short side S; short sides S x (480..800)/800, long sides <= S x 1333/800", 800
+    )
     crop_size: int = help_field("lsj: the square training crop (images fit in it x 0.1..2, then cropped)", 1024)
-    eval_short_side: int | None = help_field("evaluation short side, long side <= x 1333/800 (default: "
-                                             "--train-short-side)")
+    eval_short_side: int | None = help_field(
+        "evaluation short side, long side <= x 1333/800 (default: --train-short-side)"
+    )
     masks: bool = help_field("Mask R-CNN; --no-masks: Faster R-CNN (boxes only)", True)
     train_ann: str | None = help_field("COCO annotation JSON of the training images (overrides --data)")
     train_images: str | None = help_field("folder of the training images")
@@ -51,21 +55,50 @@ class DetectConfig(Config):
     keeps the schedule's shape. Per-size presets: ``configs/detect/``."""
 
     TASK = DetectTask
-    DEFAULTS = dict(batch_size=2, epochs=36, lr=1e-4, warmup_epochs=None, warmup_cap=500, decay="step",
-                    lr_milestones=[27, 33], layer_decay=0.95, layer_decay_type="layer_wise", drop_path=0.1,
-                    mixed_precision="bf16", save_every=5000, log_every=50, output_dir="outputs/detect")
-    UNUSED = frozenset({"input_size", "image_column", "label_column", "streaming", "num_examples", "stream_window",
-                        "stream_partitions"})
-    ALIASES = {"input_size": Alias("train_short_side", "use --train-short-side (multiscale), --crop-size (lsj) and "
-                                                       "--eval-short-side", _old_input_size),
-               "eval_size": Alias("eval_short_side")}
-    HELP = {"data": "COCO 2017 layout: annotations/instances_{train,val}2017.json, {train,val}2017/",
-            "dataset_name": "Hub dataset id in the usual detection schema (image, objects.bbox/category)",
-            "from_fcmae": "pretrained encoder: any source fcmae finetune takes (a pretraining run, "
-                          "encoder/fcmae.safetensors, official/timm/transformers, hf-hub:); none: from scratch",
-            "layer_decay_type": "layer_wise (mmdet's ConvNeXt rule) | single (one id per block)",
-            "batch_size": "images per process (ConvNeXt 3x: 2 x 8 GPUs = 16)",
-            "checkpoint": "--eval-only: a detection run dir or its best/last.safetensors"}
+    DEFAULTS = dict(
+        batch_size=2,
+        epochs=36,
+        lr=1e-4,
+        warmup_epochs=None,
+        warmup_cap=500,
+        decay="step",
+        lr_milestones=[27, 33],
+        layer_decay=0.95,
+        layer_decay_type="layer_wise",
+        drop_path=0.1,
+        mixed_precision="bf16",
+        save_every=5000,
+        log_every=50,
+        output_dir="outputs/detect",
+    )
+    UNUSED = frozenset(
+        {
+            "input_size",
+            "image_column",
+            "label_column",
+            "streaming",
+            "num_examples",
+            "stream_window",
+            "stream_partitions",
+        }
+    )
+    ALIASES = {
+        "input_size": Alias(
+            "train_short_side",
+            "use --train-short-side (multiscale), --crop-size (lsj) and --eval-short-side",
+            _old_input_size,
+        ),
+        "eval_size": Alias("eval_short_side"),
+    }
+    HELP = {
+        "data": "COCO 2017 layout: annotations/instances_{train,val}2017.json, {train,val}2017/",
+        "dataset_name": "Hub dataset id in the usual detection schema (image, objects.bbox/category)",
+        "from_fcmae": "pretrained encoder: any source fcmae finetune takes (a pretraining run, "
+        "encoder/fcmae.safetensors, official/timm/transformers, hf-hub:); none: from scratch",
+        "layer_decay_type": "layer_wise (mmdet's ConvNeXt rule) | single (one id per block)",
+        "batch_size": "images per process (ConvNeXt 3x: 2 x 8 GPUs = 16)",
+        "checkpoint": "--eval-only: a detection run dir or its best/last.safetensors",
+    }
 
     def check(self) -> None:
         if self.jitter not in det.JITTERS:
@@ -77,15 +110,21 @@ class DetectConfig(Config):
             if value is not None and value < 32:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 32; got {value}.")
         if self.in_chans != 3 or self.mean is not None or self.std is not None:
-            raise ValueError("Detection reads RGB images normalised with ImageNet's statistics: --in-chans, --mean "
-                             "and --std are not supported here.")
+            raise ValueError(
+                "Detection reads RGB images normalised with ImageNet's statistics: --in-chans, --mean "
+                "and --std are not supported here."
+            )
         need = ("val",) if self.eval_only else ("train", "val")
         for split in need:
             ann, images = getattr(self, f"{split}_ann"), getattr(self, f"{split}_images")
             if not (self.data or self.dataset_name or (ann and images)):
-                raise ValueError(f"Give the data: --data COCO_DIR, --dataset-name ID, or --{split}-ann JSON with "
-                                 f"--{split}-images DIR.")
+                raise ValueError(
+                    f"Give the data: --data COCO_DIR, --dataset-name ID, or --{split}-ann JSON with "
+                    f"--{split}-images DIR."
+                )
 
     def elastic_blocker(self) -> str | None:
-        return ("torchvision's RPN and RoI heads sample their training boxes with each process's random stream, "
-                "which changes with the number of processes")
+        return (
+            "torchvision's RPN and RoI heads sample their training boxes with each process's random stream, "
+            "which changes with the number of processes"
+        )

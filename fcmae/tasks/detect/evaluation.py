@@ -4,6 +4,7 @@ evaluation inside a run, and ``--eval-only``.
 Validation images are split rank::world_size without padding, the COCO results gathered and scored
 once by pycocotools on the main process, so each image counts once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,7 @@ def as_coco(gt) -> COCO:
     return coco
 
 
-def coco_evaluate(gt, bbox_results: list | None, segm_results: list | None = None,
-                  image_ids=None) -> dict[str, float]:
+def coco_evaluate(gt, bbox_results: list | None, segm_results: list | None = None, image_ids=None) -> dict[str, float]:
     """pycocotools COCOeval of the results against ``gt`` (COCO, dict or path): ``bbox_mAP``,
     ``bbox_mAP_50``, ``_75``, ``_s``, ``_m``, ``_l`` and the same for ``segm_`` (fractions; -1
     where the ground truth has nothing to find, as pycocotools). ``None`` skips a type; an empty
@@ -78,8 +78,11 @@ def coco_evaluate(gt, bbox_results: list | None, segm_results: list | None = Non
                 coco_dt = coco_gt.loadRes([dict(r) for r in results])
             else:  # loadRes fails on an empty list; an empty result set scores 0 where there is ground truth
                 coco_dt = COCO()
-                coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                                   "annotations": []}
+                coco_dt.dataset = {
+                    "images": coco_gt.dataset["images"],
+                    "categories": coco_gt.dataset["categories"],
+                    "annotations": [],
+                }
                 coco_dt.createIndex()
             ev = COCOeval(coco_gt, coco_dt, iou_type)
             if image_ids is not None:
@@ -110,8 +113,7 @@ def evaluate(accelerator: Accelerator, net, val: det.DetectionDataset, masks: bo
     net.train()
     shares = gather_object([(ids, bbox, segm)])
     ids, bbox, segm = ([x for share in shares for x in share[k]] for k in range(3))
-    metrics = [coco_evaluate(gt, bbox, segm if masks else None, image_ids=ids) if accelerator.is_main_process
-               else None]
+    metrics = [coco_evaluate(gt, bbox, segm if masks else None, image_ids=ids) if accelerator.is_main_process else None]
     metrics = broadcast_object_list(metrics) if world > 1 else metrics
     return {**metrics[0], "val_images": len(set(ids))}, bbox, segm
 
@@ -123,9 +125,11 @@ def validate(run, net, val, gt, cats: det.CategoryMap) -> dict:
     if better:
         pos.best.update(best_bbox_mAP=m["bbox_mAP"], best_step=pos.step)
     run.log(dict(step=pos.step, **m, **pos.best))
-    run.say(f"step {pos.step}: bbox mAP {m['bbox_mAP']:.4f} AP50 {m['bbox_mAP_50']:.4f}"
-            + (f" | segm mAP {m['segm_mAP']:.4f} AP50 {m['segm_mAP_50']:.4f}" if run.cfg.masks else "")
-            + f" on {m['val_images']} images")
+    run.say(
+        f"step {pos.step}: bbox mAP {m['bbox_mAP']:.4f} AP50 {m['bbox_mAP_50']:.4f}"
+        + (f" | segm mAP {m['segm_mAP']:.4f} AP50 {m['segm_mAP_50']:.4f}" if run.cfg.masks else "")
+        + f" on {m['val_images']} images"
+    )
     if run.is_main:
         for kind, results in (("bbox", bbox), ("segm", segm if run.cfg.masks else None)):
             if results is not None:

@@ -5,19 +5,20 @@ Augmentation is a pure function of (seed, epoch, index) (fcmae.data.detection) a
 from the RNGs reseeded at every optimizer step (fcmae.training.run), so a resumed run repeats the
 uninterrupted one bit for bit.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ...data import epoch_loader, load_hub, resolve_workers
 from ...data import detection as det
+from ...data import epoch_loader, load_hub, resolve_workers
 from ...models.convnext import Block
 from ...training.optim import adamw
 from ...training.run import Position, due, evaluate_only, launch
 from ...weights.files import write_atomic_text
-from .config import DetectConfig
 from .artifact import load_detector
+from .config import DetectConfig
 from .evaluation import as_coco, evaluate, validate
 from .model import build, lr_scale
 
@@ -43,21 +44,30 @@ def train(run, cfg: DetectConfig) -> None:
     train_ds, val_ds = load_split(cfg, "train", True), load_split(cfg, "val", False)
     cats, gt = train_ds.categories, as_coco(val_ds.coco) if run.is_main else None
     if val_ds.categories.cat_ids != cats.cat_ids:
-        raise ValueError(f"The validation categories {val_ds.categories.cat_ids} differ from the training ones "
-                         f"{cats.cat_ids}; the model predicts one set.")
+        raise ValueError(
+            f"The validation categories {val_ds.categories.cat_ids} differ from the training ones "
+            f"{cats.cat_ids}; the model predicts one set."
+        )
     if len(train_ds) // run.world // cfg.batch_size == 0:
-        raise ValueError(f"{len(train_ds)} training images are too few for batch size {cfg.batch_size} on {run.world} "
-                         "process(es). Lower --batch-size.")
+        raise ValueError(
+            f"{len(train_ds)} training images are too few for batch size {cfg.batch_size} on {run.world} "
+            "process(es). Lower --batch-size."
+        )
     net, report = build(cfg, cats)
-    run.say(f"{'Mask' if cfg.masks else 'Faster'} R-CNN {cfg.model}: {len(cats.cat_ids)} classes, {len(train_ds)} "
-            f"train / {len(val_ds)} val images | encoder " + (f"from {cfg.from_fcmae}: {report}" if report else
-                                                             "from scratch"))
+    run.say(
+        f"{'Mask' if cfg.masks else 'Faster'} R-CNN {cfg.model}: {len(cats.cat_ids)} classes, {len(train_ds)} "
+        f"train / {len(val_ds)} val images | encoder "
+        + (f"from {cfg.from_fcmae}: {report}" if report else "from scratch")
+    )
     loader = epoch_loader(train_ds, cfg.batch_size, resolve_workers(cfg.num_workers), cfg.seed, collate_fn=det.collate)
     model, _, loader = run.prepare(net, adamw(net, cfg, lr_scale(net, cfg.layer_decay, cfg.layer_decay_type)), loader)
     run.schedule(len(loader))
-    run.begin(Position(best=dict(best_bbox_mAP=-1.0, best_step=-1)), categories=cats.to_dict()["categories"],
-              dropped=dict(train_ds.dropped), encoder_load=report and dict(
-                  layout=report.layout, missing=report.missing, ignored=report.ignored))
+    run.begin(
+        Position(best=dict(best_bbox_mAP=-1.0, best_step=-1)),
+        categories=cats.to_dict()["categories"],
+        dropped=dict(train_ds.dropped),
+        encoder_load=report and dict(layout=report.layout, missing=report.missing, ignored=report.ignored),
+    )
     if run.is_main:
         write_atomic_text(run.out / "categories.json", json.dumps(cats.to_dict(), indent=1) + "\n")
     scores = {}
@@ -72,14 +82,17 @@ def train(run, cfg: DetectConfig) -> None:
                 scores = validate(run, net, val_ds, gt, cats)
             run.checkpoint_if_due()
     run.finish(net, **scores, dropped=dict(train_ds.dropped))
-    run.say(f"done: best bbox mAP {run.pos.best['best_bbox_mAP']:.4f} at step {run.pos.best['best_step']}; outputs "
-            f"in {run.out}")
+    run.say(
+        f"done: best bbox mAP {run.pos.best['best_bbox_mAP']:.4f} at step {run.pos.best['best_step']}; outputs "
+        f"in {run.out}"
+    )
     run.push(run.out)  # the best weights (last if no evaluation scored) as an exported detector folder
 
 
 def evaluate_checkpoint(cfg) -> dict:
     """``--eval-only``: the COCO metrics of ``cfg.checkpoint`` on the validation set (each process
     predicts its share); printed as JSON, nothing written."""
+
     def run(accelerator) -> dict:
         net = load_detector(cfg.checkpoint).to(accelerator.device)
         cfg.masks = net.info["masks"]
@@ -93,8 +106,13 @@ def evaluate_checkpoint(cfg) -> dict:
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     from ...training.config import cli
 
-    cli(DetectConfig, lambda cfg: evaluate_checkpoint(cfg) if cfg.eval_only else detect(cfg), argv,
-        description=USAGE, prog=prog)
+    cli(
+        DetectConfig,
+        lambda cfg: evaluate_checkpoint(cfg) if cfg.eval_only else detect(cfg),
+        argv,
+        description=USAGE,
+        prog=prog,
+    )
 
 
 USAGE = """Object detection (Mask R-CNN FPN) fine-tuning from a pretrained encoder, and its evaluation.

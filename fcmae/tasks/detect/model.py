@@ -14,6 +14,7 @@ downsample 2 -> 3; stage-3 block b -> 3 + b // 3; downsample 3 and stage 4 -> L;
 (the extra norms, FPN, heads) -> L + 1, scale 1; scale = decay ** (L + 1 - id). L is 12 in the
 base config and 6 in the tiny one: L = 3 + ceil(stage-3 depth / 3), which gives both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,10 @@ class ConvNeXtFPNBackbone(nn.Module):
         super().__init__()
         body = create_model(model_name, num_classes=0, drop_path_rate=drop_path, in_chans=in_chans)
         if len(body.feature_info) != 4:
-            raise ValueError(f"Detection needs a hierarchical ConvNeXt with four stages (strides 4..32); "
-                             f"{model_name} has {len(body.feature_info)}. Choose a convnextv2_* or convnext_* model.")
+            raise ValueError(
+                f"Detection needs a hierarchical ConvNeXt with four stages (strides 4..32); "
+                f"{model_name} has {len(body.feature_info)}. Choose a convnextv2_* or convnext_* model."
+            )
         body.head = nn.Identity()  # a feature extractor: no final norm, so no parameter is left without a gradient
         self.body = body
         dims = [f["num_chs"] for f in body.feature_info]
@@ -105,9 +108,30 @@ class Float32RoIHeads(_Float32, RoIHeads):
     pass
 
 
-def build_detector(model_name: str, num_classes: int, min_size: int, masks: bool = True, drop_path: float = 0.0,
-                   in_chans: int = 3, max_size: int | None = None, image_mean=None, image_std=None,
-                   **kwargs) -> MaskRCNN | FasterRCNN:
+def _check_args(num_classes: int, min_size: int, image_mean, image_std, in_chans: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and needs at least one object class; got {num_classes}.")
+    if min_size < 32:
+        raise ValueError(f"min_size (the evaluation short side) must be at least 32 px; got {min_size}.")
+    if (image_mean is None) != (image_std is None) or (image_mean is None and in_chans != 3):
+        raise ValueError(
+            f"Give both image_mean and image_std ({in_chans} values each) for in_chans={in_chans}; "
+            "the ImageNet defaults hold for RGB only."
+        )
+
+
+def build_detector(
+    model_name: str,
+    num_classes: int,
+    min_size: int,
+    masks: bool = True,
+    drop_path: float = 0.0,
+    in_chans: int = 3,
+    max_size: int | None = None,
+    image_mean=None,
+    image_std=None,
+    **kwargs,
+) -> MaskRCNN | FasterRCNN:
     """torchvision Mask R-CNN (``masks``) or Faster R-CNN on ``ConvNeXtFPNBackbone``, fresh weights.
 
     ``num_classes`` counts the background (torchvision's convention): K object classes -> K + 1.
@@ -124,26 +148,28 @@ def build_detector(model_name: str, num_classes: int, min_size: int, masks: bool
     The RPN and RoI heads run in float32 under autocast (``_Float32``), as mmdetection keeps box
     decoding and losses in float32 under fp16.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background and needs at least one object class; got {num_classes}.")
-    if min_size < 32:
-        raise ValueError(f"min_size (the evaluation short side) must be at least 32 px; got {min_size}.")
-    if (image_mean is None) != (image_std is None) or (image_mean is None and in_chans != 3):
-        raise ValueError(f"Give both image_mean and image_std ({in_chans} values each) for in_chans={in_chans}; "
-                         "the ImageNet defaults hold for RGB only.")
+    _check_args(num_classes, min_size, image_mean, image_std, in_chans)
     backbone = ConvNeXtFPNBackbone(model_name, drop_path=drop_path, in_chans=in_chans)
     common = dict(
-        min_size=min_size, max_size=max_size or round(min_size * LONG_SIDE_RATIO),
-        image_mean=list(image_mean or IMAGENET_DEFAULT_MEAN), image_std=list(image_std or IMAGENET_DEFAULT_STD),
+        min_size=min_size,
+        max_size=max_size or round(min_size * LONG_SIDE_RATIO),
+        image_mean=list(image_mean or IMAGENET_DEFAULT_MEAN),
+        image_std=list(image_std or IMAGENET_DEFAULT_STD),
         rpn_anchor_generator=AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5),
         # sampling_ratio 0 (adaptive) and 1000 proposals per training image: the ConvNeXt Mask R-CNN
         # configs (mmdetection); torchvision's own models use 2 and 2000
         box_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=7, sampling_ratio=0),
-        rpn_post_nms_top_n_train=1000, _skip_resize=True)
+        rpn_post_nms_top_n_train=1000,
+        _skip_resize=True,
+    )
     common.update(kwargs)
     if masks:
-        detector = MaskRCNN(backbone, num_classes, **common,
-                            mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0))
+        detector = MaskRCNN(
+            backbone,
+            num_classes,
+            **common,
+            mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0),
+        )
     else:
         detector = FasterRCNN(backbone, num_classes, **common)
     # the same modules and parameter names, with a float32 forward (see _Float32)

@@ -7,6 +7,7 @@ Usage:
 Every readable image is predicted; each unreadable one is named with its reason on stderr, and the
 command then exits 1.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -31,10 +32,18 @@ def class_color(label: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def draw_detections(image: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-                    masks: torch.Tensor | None = None, class_names: list[str] | None = None,
-                    score_thresh: float = 0.5, mask_thresh: float = 0.5, alpha: float = 0.5,
-                    width: int = 2) -> Image.Image:
+def draw_detections(
+    image: Image.Image,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    masks: torch.Tensor | None = None,
+    class_names: list[str] | None = None,
+    score_thresh: float = 0.5,
+    mask_thresh: float = 0.5,
+    alpha: float = 0.5,
+    width: int = 2,
+) -> Image.Image:
     """The image with every detection scoring at least ``score_thresh``: its mask (N, H, W) or
     (N, 1, H, W) above ``mask_thresh`` blended in with ``alpha``, its box (xyxy, pixels) and
     "name score" in the class colour. Returns a new RGB image."""
@@ -53,8 +62,12 @@ def draw_detections(image: Image.Image, boxes: torch.Tensor, labels: torch.Tenso
     return to_pil_image(canvas)
 
 
-def detection_records(output: dict, class_names: list[str] | None = None, label_to_cat: dict[int, int] | None = None,
-                      score_thresh: float = 0.0) -> list[dict]:
+def detection_records(
+    output: dict,
+    class_names: list[str] | None = None,
+    label_to_cat: dict[int, int] | None = None,
+    score_thresh: float = 0.0,
+) -> list[dict]:
     """One image's detections as plain dicts: box [x1, y1, x2, y2] in pixels, score, label, and
     where given the class name and the dataset's category id. Masks are not included (see
     ``fcmae.data.detection.coco_results`` for RLE masks)."""
@@ -95,8 +108,9 @@ def predict(args) -> int:
         det = net([to_dtype(pil_to_tensor(image), torch.float32, scale=True)])[0]
         records = detection_records(det, cats.class_names, cats.label_to_cat, args.score_thresh)
         write_detections(out / f"{Path(path).stem}.json", records)
-        draw_detections(image, det["boxes"], det["labels"], det["scores"], det.get("masks"), cats.class_names,
-                        args.score_thresh).save(out / f"{Path(path).stem}.png")
+        draw_detections(
+            image, det["boxes"], det["labels"], det["scores"], det.get("masks"), cats.class_names, args.score_thresh
+        ).save(out / f"{Path(path).stem}.png")
     status = report_unreadable(failed, len(paths))
     print(f"predicted {len(images)} of {len(paths)} images into {out}", file=sys.stderr if failed else sys.stdout)
     return status

@@ -2,6 +2,7 @@
 ``loop`` (the training loop), ``evaluation`` (k-NN monitor, reconstructions), ``artifact`` (encoder
 and FCMAE files, features), ``predict`` (reconstructions of given images). The ``encoder`` and
 ``fcmae`` artifact kinds (fcmae.weights.hub) get this task's prediction and features."""
+
 from ...weights.artifacts import attach
 from . import predict
 from .artifact import features

@@ -3,6 +3,7 @@ loads it into ``fcmae.create_model(name)``) and ``fcmae.safetensors`` (encoder a
 continue pretraining), both tagged with their kind and the run's resolved config. Their artifact
 kinds (``encoder``, ``fcmae``) and exports live in the weights layer (fcmae.weights.hub): they are
 plain ConvNeXt weights."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,12 @@ def save_weights(run) -> None:
     if run.is_main:
         from ...weights.files import save_safetensors
 
-        meta = {"format": "fcmae", "model": run.cfg.model, "step": str(run.pos.step), "config": json.dumps(run.resolved)}
+        meta = {
+            "format": "fcmae",
+            "model": run.cfg.model,
+            "step": str(run.pos.step),
+            "config": json.dumps(run.resolved),
+        }
         encoder = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
         save_safetensors(encoder, run.out / ENCODER_FILE, {**meta, "format": "fcmae-encoder"})
         save_safetensors(full, run.out / FCMAE_FILE, meta)
@@ -35,6 +41,14 @@ def features(source):
     config = read_run_info(find_weights(source)).config
     size = int(config.get("input_size") or 224)
     transform = by_input("eval", size, config.get("mean"), config.get("std"))
-    return PooledFeatures(net).eval(), transform, dict(model=net.name, dim=net.num_features, in_chans=net.in_chans,
-                                                       channel_axis=config.get("channel_axis", "last"), input_size=size)
-
+    return (
+        PooledFeatures(net).eval(),
+        transform,
+        dict(
+            model=net.name,
+            dim=net.num_features,
+            in_chans=net.in_chans,
+            channel_axis=config.get("channel_axis", "last"),
+            input_size=size,
+        ),
+    )

@@ -11,6 +11,7 @@ percent. As in DINO, training and test images both get the evaluation transform 
 The monitor is built after ``accelerator.prepare(...)`` of the training loader (so that one stays
 the first prepared loader of the checkpoints) and called on every process.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +19,8 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from PIL import Image
+from torch import nn
 
 from ... import data
 from ...models.convnext import Head
@@ -29,8 +29,16 @@ from ...training.run import due
 
 
 @torch.no_grad()
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20,
-                 temperature: float = 0.07, chunk: int = 256) -> float:
+def knn_accuracy(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 256,
+) -> float:
     """Top-1 accuracy (percent) of the weighted k-NN vote (DINO's ``knn_classifier``).
 
     train_feats (N, D), test_feats (M, D): any scale (they are L2-normalised here). Labels are
@@ -42,11 +50,14 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
     train_labels = torch.as_tensor(train_labels, device=device).long()
     test_labels = torch.as_tensor(test_labels, device=device).long()
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"features must be (N, D) and (M, D); got {tuple(train_feats.shape)} and "
-                         f"{tuple(test_feats.shape)}.")
+        raise ValueError(
+            f"features must be (N, D) and (M, D); got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}."
+        )
     if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels) or not len(test_feats):
-        raise ValueError(f"{len(train_feats)} train features for {len(train_labels)} labels, {len(test_feats)} "
-                         f"test features for {len(test_labels)} labels; each needs one label, and test rows.")
+        raise ValueError(
+            f"{len(train_feats)} train features for {len(train_labels)} labels, {len(test_feats)} "
+            f"test features for {len(test_labels)} labels; each needs one label, and test rows."
+        )
     for labels in (train_labels, test_labels):
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes}); got {labels.min()}..{labels.max()}.")
@@ -56,11 +67,11 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
     train = F.normalize(train_feats.float(), dim=1)
     correct = 0
     for start in range(0, len(test_feats), chunk):
-        test = F.normalize(test_feats[start:start + chunk].float().to(device), dim=1)
+        test = F.normalize(test_feats[start : start + chunk].float().to(device), dim=1)
         similarity, index = (test @ train.T).topk(k, dim=1)  # cosine similarity of unit vectors
         votes = torch.zeros(len(test), num_classes, device=device)
         votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[start:start + chunk]).sum())
+        correct += int((votes.argmax(1) == test_labels[start : start + chunk]).sum())
     return 100.0 * correct / len(test_feats)
 
 
@@ -121,28 +132,41 @@ class KnnMonitor:
     """``monitor(encoder) -> {'knn_acc1': percent}``: features of a labelled train and val split,
     then ``knn_accuracy``. Call it on every process (feature extraction is sharded and gathered)."""
 
-    def __init__(self, train_loader, val_loader, num_classes: int, accelerator=None, k: int = 20,
-                 temperature: float = 0.07):
+    def __init__(
+        self, train_loader, val_loader, num_classes: int, accelerator=None, k: int = 20, temperature: float = 0.07
+    ):
         self.train_loader, self.val_loader, self.num_classes = train_loader, val_loader, num_classes
         self.accelerator, self.k, self.temperature = accelerator, k, temperature
 
     @classmethod
-    def from_config(cls, cfg: data.DataConfig, accelerator=None, batch_size: int = 64, k: int = 20,
-                    temperature: float = 0.07) -> "KnnMonitor":
+    def from_config(
+        cls, cfg: data.DataConfig, accelerator=None, batch_size: int = 64, k: int = 20, temperature: float = 0.07
+    ) -> KnnMonitor:
         """From the labelled data ``cfg`` names (a folder with train/ and val/ (or validation/) class
         sub-folders, or any source ``fcmae.data.load_labelled`` reads). Both splits get the evaluation
         transform (resize, centre crop, the config's normalisation)."""
         train, train_labels, val, val_labels, names = data.load_labelled(cfg)
         pin = accelerator is not None and accelerator.device.type == "cuda"
-        loaders = [data.build_val_loader(cfg, ds, y, batch_size, pin_memory=pin)
-                   for ds, y in ((train, train_labels), (val, val_labels))]
+        loaders = [
+            data.build_val_loader(cfg, ds, y, batch_size, pin_memory=pin)
+            for ds, y in ((train, train_labels), (val, val_labels))
+        ]
         if accelerator is not None:
             loaders = [accelerator.prepare(loader) for loader in loaders]
         return cls(*loaders, len(names), accelerator, k, temperature)
 
     @classmethod
-    def from_folder(cls, folder, accelerator=None, input_size: int = 224, batch_size: int = 64, num_workers: int = 0,
-                    k: int = 20, temperature: float = 0.07, **fields) -> "KnnMonitor":
+    def from_folder(
+        cls,
+        folder,
+        accelerator=None,
+        input_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        k: int = 20,
+        temperature: float = 0.07,
+        **fields,
+    ) -> KnnMonitor:
         """``from_config`` for a folder with train/ and val/ (or validation/) class sub-folders; extra
         keyword arguments are ``DataConfig`` fields (in_chans, mean, std, ...)."""
         cfg = data.DataConfig(data=str(folder), input_size=input_size, num_workers=num_workers, **fields)
@@ -163,17 +187,27 @@ def knn_monitor(cfg, accelerator) -> KnnMonitor | None:
     labelled folder (same size, channels and normalisation), or None."""
     if not cfg.knn_data:
         return None
-    knn_data = replace(cfg.dataset, data=str(cfg.knn_data), dataset_name=None, dataset_config_name=None,
-                       image_column=None, label_column=None, streaming=False, train_split="train",
-                       val_split="validation")
+    knn_data = replace(
+        cfg.dataset,
+        data=str(cfg.knn_data),
+        dataset_name=None,
+        dataset_config_name=None,
+        image_column=None,
+        label_column=None,
+        streaming=False,
+        train_split="train",
+        val_split="validation",
+    )
     return KnnMonitor.from_config(knn_data, accelerator, cfg.batch_size, cfg.knn_k, cfg.knn_temperature)
 
 
 # ----------------------------------------------------------------------------- reconstructions
 
+
 @torch.no_grad()
-def reconstruction_panel(forward, model, imgs: torch.Tensor, mask: torch.Tensor, mean, std,
-                         channels=(0, 1, 2)) -> Image.Image:
+def reconstruction_panel(
+    forward, model, imgs: torch.Tensor, mask: torch.Tensor, mean, std, channels=(0, 1, 2)
+) -> Image.Image:
     """Original | masked | prediction | prediction pasted into the masked patches of the original
     (visible patches kept), one row per image. imgs (N, C, H, W) normalised with ``mean``/``std``;
     mask (N, L) 0 keep / 1 remove. ``forward`` runs the model (the Accelerate-wrapped one, so sharded
@@ -219,9 +253,15 @@ class Reconstructions:
         run.model.eval()
         model = run.module
         with run.accelerator.autocast():
-            panel = reconstruction_panel(run.model, model, self.imgs, fixed_masks(model, self.imgs, cfg.seed),
-                                         cfg.mean or data.IMAGENET_DEFAULT_MEAN, cfg.std or data.IMAGENET_DEFAULT_STD,
-                                         cfg.vis_channels)
+            panel = reconstruction_panel(
+                run.model,
+                model,
+                self.imgs,
+                fixed_masks(model, self.imgs, cfg.seed),
+                cfg.mean or data.IMAGENET_DEFAULT_MEAN,
+                cfg.std or data.IMAGENET_DEFAULT_STD,
+                cfg.vis_channels,
+            )
         if run.is_main:
             (run.out / "reconstructions").mkdir(parents=True, exist_ok=True)
             panel.save(run.out / "reconstructions" / f"step_{run.pos.step:08d}.png")

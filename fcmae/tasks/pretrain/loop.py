@@ -6,6 +6,7 @@ on another number of processes with the same global batch draws the same (fcmae.
 Outputs in --output-dir: config.yaml, log.jsonl, checkpoints/step_N (resume with --resume auto),
 encoder.safetensors, fcmae.safetensors, reconstructions/step_N.png, final.yaml.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,9 +30,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 def train(run, cfg: PretrainConfig) -> None:
     model = build_fcmae(cfg, run.say)
-    loader = data.build_pretrain_loader(cfg.dataset, cfg.batch_size, data.resolve_workers(cfg.num_workers), cfg.seed,
-                                        rank=run.rank, world_size=run.world, pin_memory=run.device.type == "cuda",
-                                        with_index=True)
+    loader = data.build_pretrain_loader(
+        cfg.dataset,
+        cfg.batch_size,
+        data.resolve_workers(cfg.num_workers),
+        cfg.seed,
+        rank=run.rank,
+        world_size=run.world,
+        pin_memory=run.device.type == "cuda",
+        with_index=True,
+    )
     # a stream already holds this rank's share: Accelerate must not shard it again
     model, _, loader = run.prepare(model, adamw(model, cfg), loader, shard_loaders=not cfg.streaming)
     run.schedule(len(loader))
@@ -53,7 +61,9 @@ def train(run, cfg: PretrainConfig) -> None:
                 with unsharded(model):  # the k-NN calls the encoder outside the FCMAE's forward
                     run.log(dict(step=run.pos.step, **knn(run.module.encoder)))
     run.finish()
-    run.say(f"done: {run.pos.step} steps; {run.pos.num_bad} bad images of {run.pos.num_seen} seen. Outputs in {run.out}")
+    run.say(
+        f"done: {run.pos.step} steps; {run.pos.num_bad} bad images of {run.pos.num_seen} seen. Outputs in {run.out}"
+    )
     run.push(run.out, model=cfg.model, formats=("timm", "fcmae"))
 
 

@@ -10,6 +10,7 @@ call). Needs the full FCMAE (``fcmae.safetensors``, in a pretraining run or an f
 encoder alone predicts nothing (``fcmae embed`` gives its features). Every readable image is drawn;
 each unreadable one is named with its reason on stderr, and the command then exits 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,21 @@ from pathlib import Path
 
 import torch
 
-from ...data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Reader, by_input, image_paths, read_images
-from ...data import report_unreadable
+from ...data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    Reader,
+    by_input,
+    image_paths,
+    read_images,
+    report_unreadable,
+)
 from ...models import create_fcmae
+from ...training.config import images_parser
 from ...weights.card import flatten_config
 from ...weights.formats import fcmae_args_from_state_dict, fcmae_file, load_fcmae_weights
 from ...weights.load import read_state_dict
 from ...weights.source import read_metadata
-from ...training.config import images_parser
 from .evaluation import fixed_masks, reconstruction_panel
 
 
@@ -35,12 +43,19 @@ def load_fcmae(source):
     config = flatten_config(json.loads(meta["config"])) if "config" in meta else {}
     sd = read_state_dict(path)
     if "proj.weight" not in sd:
-        raise ValueError(f"{path} holds an encoder without its decoder: reconstructions need the full FCMAE "
-                         "(fcmae.safetensors of a pretraining run); `fcmae embed` gives an encoder's features.")
+        raise ValueError(
+            f"{path} holds an encoder without its decoder: reconstructions need the full FCMAE "
+            "(fcmae.safetensors of a pretraining run); `fcmae embed` gives an encoder's features."
+        )
     args = fcmae_args_from_state_dict(sd)
-    model = create_fcmae(meta.get("model") or config["model"], decoder_dim=args["decoder_dim"],
-                         decoder_depth=args["decoder_depth"], mask_ratio=config.get("mask_ratio", 0.6),
-                         norm_pix_loss=config.get("norm_pix_loss", True), in_chans=sd["encoder.stem.0.weight"].shape[1])
+    model = create_fcmae(
+        meta.get("model") or config["model"],
+        decoder_dim=args["decoder_dim"],
+        decoder_depth=args["decoder_depth"],
+        mask_ratio=config.get("mask_ratio", 0.6),
+        norm_pix_loss=config.get("norm_pix_loss", True),
+        in_chans=sd["encoder.stem.0.weight"].shape[1],
+    )
     load_fcmae_weights(model, sd)
     return model.eval(), config
 
@@ -57,8 +72,9 @@ def predict(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for path, image in images:
         x = tf(image)[None]
-        panel = reconstruction_panel(model, model, x, fixed_masks(model, x, args.seed), mean, std,
-                                     config.get("vis_channels", [0, 1, 2]))
+        panel = reconstruction_panel(
+            model, model, x, fixed_masks(model, x, args.seed), mean, std, config.get("vis_channels", [0, 1, 2])
+        )
         panel.save(out / f"{Path(path).stem}.png")
         print(f"{path} -> {out / (Path(path).stem + '.png')}", flush=True)
     return report_unreadable(failed, len(paths))

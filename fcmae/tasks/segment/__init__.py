@@ -2,6 +2,7 @@
 on a ConvNeXt backbone, encoder load, loss, layer decay), ``loop`` (fine-tuning and --eval-only),
 ``evaluation`` (inference modes, mIoU), ``artifact`` (weights, load-back, the ``segmenter`` kind:
 transformers and ONNX exports), ``predict`` (palette PNG + overlay of images)."""
+
 from ...weights.artifacts import attach
 from . import predict
 from .artifact import export_segmenter, is_segmenter, load_segmenter

@@ -1,4 +1,5 @@
 """Semantic segmentation's config: its own fields and mmsegmentation's ConvNeXt UPerNet ADE20K recipe."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ class SegmentTask:
     num_classes: int = help_field("classes the model predicts (ADE20K: 150)", 150)
     class_names: str | None = help_field("text file, one class name per line (default: class 0..N-1)")
     reduce_zero_label: bool = help_field("maps store classes as 1..N and 0 = other (ignored), as ADE20K", True)
-    eval_mode: str = help_field("whole | slide (windows of --input-size, stride 2/3 of it: mmseg's 341 at 512)",
-                                "slide")
+    eval_mode: str = help_field(
+        "whole | slide (windows of --input-size, stride 2/3 of it: mmseg's 341 at 512)", "slide"
+    )
     eval_ms_flip: bool = help_field("multi-scale (0.5..1.75) + flip evaluation, as mmseg's aug_test", False)
 
 
@@ -31,17 +33,32 @@ class SegmentConfig(Config):
     small data: ``configs/segment/small_data.yaml``."""
 
     TASK = SegmentTask
-    DEFAULTS = dict(input_size=512, batch_size=2, max_steps=160000, lr=1e-4, warmup_epochs=None, warmup_cap=1500,
-                    decay="poly", layer_decay=0.9, layer_decay_type="stage", eval_every=16000, mixed_precision="bf16",
-                    save_every=16000, log_every=50, output_dir="outputs/segment")
+    DEFAULTS = dict(
+        input_size=512,
+        batch_size=2,
+        max_steps=160000,
+        lr=1e-4,
+        warmup_epochs=None,
+        warmup_cap=1500,
+        decay="poly",
+        layer_decay=0.9,
+        layer_decay_type="stage",
+        eval_every=16000,
+        mixed_precision="bf16",
+        save_every=16000,
+        log_every=50,
+        output_dir="outputs/segment",
+    )
     UNUSED = frozenset({"streaming", "num_examples", "stream_window", "stream_partitions"})
-    HELP = {"data": "ADE20K-layout folder (images/ and annotations/, training/ and validation/), or split "
-                    "parquet/arrow files",
-            "dataset_name": "Hub dataset id with image and label-map columns (e.g. scene_parse_150)",
-            "label_column": "column holding the label maps (default: annotation/label/... or the second Image column)",
-            "input_size": "training crop S (train scale (4S, S), as mmseg's (2048, 512)); evaluation short side S",
-            "layer_decay_type": "stage (mmseg's stage_wise for ConvNeXt) | single | group",
-            "checkpoint": "--eval-only: a segmentation run dir or its best/last.safetensors"}
+    HELP = {
+        "data": "ADE20K-layout folder (images/ and annotations/, training/ and validation/), or split "
+        "parquet/arrow files",
+        "dataset_name": "Hub dataset id with image and label-map columns (e.g. scene_parse_150)",
+        "label_column": "column holding the label maps (default: annotation/label/... or the second Image column)",
+        "input_size": "training crop S (train scale (4S, S), as mmseg's (2048, 512)); evaluation short side S",
+        "layer_decay_type": "stage (mmseg's stage_wise for ConvNeXt) | single | group",
+        "checkpoint": "--eval-only: a segmentation run dir or its best/last.safetensors",
+    }
 
     def check(self) -> None:
         if self.layer_decay_type not in ("stage", "single", "group"):
@@ -51,12 +68,17 @@ class SegmentConfig(Config):
         if not (self.data or self.dataset_name):
             raise ValueError("Give the data: --data DIR (ADE20K layout or split parquet files) or --dataset-name ID.")
         if not 1 < self.num_classes < IGNORE_INDEX:
-            raise ValueError(f"--num-classes must be 2..254 (label maps are 8-bit, 255 is ignored); got "
-                             f"{self.num_classes}.")
+            raise ValueError(
+                f"--num-classes must be 2..254 (label maps are 8-bit, 255 is ignored); got {self.num_classes}."
+            )
         if self.in_chans != 3 or self.mean is not None or self.std is not None:
-            raise ValueError("Segmentation reads RGB images normalised with ImageNet's mean and std (the encoders' "
-                             "pretraining statistics): --in-chans, --mean and --std are not supported here.")
+            raise ValueError(
+                "Segmentation reads RGB images normalised with ImageNet's mean and std (the encoders' "
+                "pretraining statistics): --in-chans, --mean and --std are not supported here."
+            )
 
     def elastic_blocker(self) -> str | None:
-        return ("the UPerNet head's BatchNorm normalises each process's batch (SyncBatchNorm across GPUs), so its "
-                "statistics change with the number of processes")
+        return (
+            "the UPerNet head's BatchNorm normalises each process's batch (SyncBatchNorm across GPUs), so its "
+            "statistics change with the number of processes"
+        )

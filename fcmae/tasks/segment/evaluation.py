@@ -5,6 +5,7 @@ evaluation inside a run, and ``--eval-only``.
 Validation images are split rank::world_size without padding and the confusion matrices summed, so
 each image counts once whatever the number of processes.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear",
-                                                                      align_corners=False)
+    return (
+        x
+        if tuple(x.shape[-2:]) == tuple(size)
+        else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    )
 
 
 def slide_logits(segmenter, imgs: torch.Tensor, crop, stride) -> torch.Tensor:
@@ -52,8 +56,17 @@ def slide_logits(segmenter, imgs: torch.Tensor, crop, stride) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(segmenter, imgs: torch.Tensor, mode: str = "whole", crop=None, stride=None, ms_ratios=None,
-                   flip: bool = False, out_size=None, num_classes: int | None = None) -> torch.Tensor:
+def predict_logits(
+    segmenter,
+    imgs: torch.Tensor,
+    mode: str = "whole",
+    crop=None,
+    stride=None,
+    ms_ratios=None,
+    flip: bool = False,
+    out_size=None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
     """Class scores (N, K, H, W) for normalised images ``imgs`` (N, 3, h, w), at ``out_size`` (default
     the input size; pass the original label size to score as mmseg does).
 
@@ -90,8 +103,10 @@ def predict_logits(segmenter, imgs: torch.Tensor, mode: str = "whole", crop=None
 
 # ----------------------------------------------------------------------------- metrics
 
-def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+
+def confusion_matrix(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """(K, K) int64 counts, rows ground truth, columns prediction, on the inputs' device. Pixels labelled
     ``ignore_index`` count nowhere. A scatter-add into a fixed K*K + 1 bins (the last one for ignored
     pixels) instead of torch.bincount, which reads the input's min and max on the host (a device sync)."""
@@ -114,10 +129,13 @@ def seg_metrics(conf: torch.Tensor, class_names: list[str] | None = None) -> dic
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = (tp / (gt + pred - tp)).numpy() * 100
         acc = (tp / gt).numpy() * 100
-        out = {"mIoU": float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan"),
-               "mAcc": float(np.nanmean(acc)) if not np.isnan(acc).all() else float("nan"),
-               "aAcc": float(tp.sum() / gt.sum() * 100) if gt.sum() > 0 else float("nan"),
-               "IoU": iou.tolist(), "Acc": acc.tolist()}
+        out = {
+            "mIoU": float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan"),
+            "mAcc": float(np.nanmean(acc)) if not np.isnan(acc).all() else float("nan"),
+            "aAcc": float(tp.sum() / gt.sum() * 100) if gt.sum() > 0 else float("nan"),
+            "IoU": iou.tolist(),
+            "Acc": acc.tolist(),
+        }
     if class_names is not None:
         out["class_names"] = list(class_names)
     return out
@@ -135,15 +153,26 @@ def evaluate(accelerator: Accelerator, net, loader, cfg, names: list[str]) -> di
         for image, label in zip(images, labels):
             label = label.to(device)
             with accelerator.autocast():
-                scores = predict_logits(net, image[None].to(device), cfg.eval_mode, crop=cfg.input_size,
-                                        ms_ratios=MS_RATIOS if cfg.eval_ms_flip else None, flip=cfg.eval_ms_flip,
-                                        out_size=label.shape[-2:], num_classes=k)
+                scores = predict_logits(
+                    net,
+                    image[None].to(device),
+                    cfg.eval_mode,
+                    crop=cfg.input_size,
+                    ms_ratios=MS_RATIOS if cfg.eval_ms_flip else None,
+                    flip=cfg.eval_ms_flip,
+                    out_size=label.shape[-2:],
+                    num_classes=k,
+                )
             conf += confusion_matrix(scores.argmax(1)[0], label, k)
         counts += torch.stack([torch.tensor(len(images)), (~ok).sum()]).to(device)
     net.train()
     conf, counts = accelerator.reduce(conf, "sum"), accelerator.reduce(counts, "sum")
-    return {**seg_metrics(conf, names), "val_images": int(counts[0]), "val_unreadable": int(counts[1]),
-            "val_pixels": int(conf.sum())}
+    return {
+        **seg_metrics(conf, names),
+        "val_images": int(counts[0]),
+        "val_unreadable": int(counts[1]),
+        "val_pixels": int(conf.sum()),
+    }
 
 
 def sync_buffers(run, net) -> None:
@@ -163,17 +192,31 @@ def validate(run, net, loader, names: list[str]) -> dict:
         pos.best.update(best_mIoU=m["mIoU"], best_step=pos.step)
     scores = {k: m[k] for k in ("mIoU", "mAcc", "aAcc", "val_images", "val_unreadable", "val_pixels")}
     run.log(dict(step=pos.step, **scores, **pos.best))
-    run.say(f"step {pos.step}: mIoU {m['mIoU']:.2f} mAcc {m['mAcc']:.2f} aAcc {m['aAcc']:.2f} on {m['val_images']} "
-            f"images (best {pos.best['best_mIoU']:.2f} at step {pos.best['best_step']})")
+    run.say(
+        f"step {pos.step}: mIoU {m['mIoU']:.2f} mAcc {m['mAcc']:.2f} aAcc {m['aAcc']:.2f} on {m['val_images']} "
+        f"images (best {pos.best['best_mIoU']:.2f} at step {pos.best['best_step']})"
+    )
     if run.is_main:
         rows = [{"class": n, "IoU": _finite(i), "Acc": _finite(a)} for n, i, a in zip(names, m["IoU"], m["Acc"])]
-        write_atomic_text(run.out / "per_class_iou.json", json.dumps({"step": pos.step, "mIoU": _finite(m["mIoU"]),
-                                                                      "classes": rows}, indent=1) + "\n")
+        write_atomic_text(
+            run.out / "per_class_iou.json",
+            json.dumps({"step": pos.step, "mIoU": _finite(m["mIoU"]), "classes": rows}, indent=1) + "\n",
+        )
     for name in ("last.safetensors",) + (("best.safetensors",) if better else ()):
         cfg = run.cfg
-        run.save_weights(name, segmenter_metadata(cfg.model, names, cfg.input_size, cfg.head_channels,
-                                                  eval_mode=cfg.eval_mode, reduce_zero_label=cfg.reduce_zero_label,
-                                                  step=pos.step, mIoU=m["mIoU"]))
+        run.save_weights(
+            name,
+            segmenter_metadata(
+                cfg.model,
+                names,
+                cfg.input_size,
+                cfg.head_channels,
+                eval_mode=cfg.eval_mode,
+                reduce_zero_label=cfg.reduce_zero_label,
+                step=pos.step,
+                mIoU=m["mIoU"],
+            ),
+        )
     return scores
 
 

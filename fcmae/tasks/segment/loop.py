@@ -4,6 +4,7 @@ per device (Accelerate).
 Augmentation is a pure function of (seed, epoch, index) and dropout draws from the RNGs reseeded at
 every optimizer step (fcmae.training.run), so a resumed run repeats the uninterrupted one bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from ...data import resolve_workers
 from ...data import segmentation as seg
 from ...training.optim import adamw
 from ...training.run import Position, due, evaluate_only, launch
-from .config import SegmentConfig
 from .artifact import load_segmenter
+from .config import SegmentConfig
 from .evaluation import evaluate, validate
 from .model import block_classes, build, lr_scale, model_name_of, train_loss
 
@@ -31,10 +32,23 @@ def load_data(cfg: SegmentConfig, rank: int = 0, world: int = 1, train: bool = T
     source = cfg.data or cfg.dataset_name
 
     def split(name: str, is_train: bool) -> seg.SegmentationImages:
-        hf = seg.load_split(source, name, image_column=cfg.image_column, label_column=cfg.label_column,
-                            dataset_config_name=cfg.dataset_config_name)
-        return seg.SegmentationImages(hf, cfg.num_classes, cfg.input_size, is_train, cfg.seed, cfg.reduce_zero_label,
-                                      cfg.max_bad_fraction, f"{source} {name}")
+        hf = seg.load_split(
+            source,
+            name,
+            image_column=cfg.image_column,
+            label_column=cfg.label_column,
+            dataset_config_name=cfg.dataset_config_name,
+        )
+        return seg.SegmentationImages(
+            hf,
+            cfg.num_classes,
+            cfg.input_size,
+            is_train,
+            cfg.seed,
+            cfg.reduce_zero_label,
+            cfg.max_bad_fraction,
+            f"{source} {name}",
+        )
 
     val = split(cfg.val_split, False)
     val.check_labels(range(rank, len(val), world))
@@ -46,19 +60,27 @@ def train(run, cfg: SegmentConfig) -> None:
     train_ds, val_ds = load_data(cfg, run.rank, run.world)
     net, report = build(cfg, names)
     cfg.model = model_name_of(net)
-    run.say(f"UPerNet {cfg.model} on {cfg.data or cfg.dataset_name}: {len(names)} classes, {len(train_ds)} train / "
-            f"{len(val_ds)} val images | encoder " + (f"from {cfg.from_fcmae}: {report}" if report else "from scratch"))
+    run.say(
+        f"UPerNet {cfg.model} on {cfg.data or cfg.dataset_name}: {len(names)} classes, {len(train_ds)} train / "
+        f"{len(val_ds)} val images | encoder " + (f"from {cfg.from_fcmae}: {report}" if report else "from scratch")
+    )
     if run.world > 1 and run.device.type == "cuda":  # mmseg's SyncBN: statistics over the global batch of 16
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(memory_format=torch.channels_last) if cfg.channels_last else net
     workers = resolve_workers(cfg.num_workers)
-    train_loader = seg.build_train_loader(train_ds, cfg.batch_size, workers, cfg.seed, run.world,
-                                          run.device.type == "cuda")
+    train_loader = seg.build_train_loader(
+        train_ds, cfg.batch_size, workers, cfg.seed, run.world, run.device.type == "cuda"
+    )
     val_loader = seg.build_val_loader(val_ds, run.rank, run.world, num_workers=workers)  # not prepared
-    model, _, train_loader = run.prepare(net, adamw(net, cfg, lr_scale(net, cfg.layer_decay, cfg.layer_decay_type)), train_loader)
+    model, _, train_loader = run.prepare(
+        net, adamw(net, cfg, lr_scale(net, cfg.layer_decay, cfg.layer_decay_type)), train_loader
+    )
     run.schedule(len(train_loader))
-    run.begin(Position(best=dict(best_mIoU=-1.0, best_step=-1)), classes=names, encoder_load=report and dict(
-        layout=report.layout, missing=report.missing, ignored=report.ignored))
+    run.begin(
+        Position(best=dict(best_mIoU=-1.0, best_step=-1)),
+        classes=names,
+        encoder_load=report and dict(layout=report.layout, missing=report.missing, ignored=report.ignored),
+    )
     scores = {}
     model.train()
     while run.training:
@@ -73,26 +95,33 @@ def train(run, cfg: SegmentConfig) -> None:
                 scores = validate(run, net, val_loader, names)
             run.checkpoint_if_due()
     run.finish(net, **scores)
-    run.say(f"done: best mIoU {run.pos.best['best_mIoU']:.2f} at step {run.pos.best['best_step']}. Outputs in "
-            f"{run.out}")
+    run.say(
+        f"done: best mIoU {run.pos.best['best_mIoU']:.2f} at step {run.pos.best['best_step']}. Outputs in {run.out}"
+    )
     run.push(run.out)  # the best weights (last if no evaluation scored) as a transformers UperNet folder
 
 
 def evaluate_checkpoint(cfg) -> dict:
     """``--eval-only``: the metrics of ``cfg.checkpoint`` on the validation split at the input size it
     was trained at (every process scores its share); prints them as JSON and writes nothing."""
+
     def run(accelerator) -> dict:
         net, meta = load_segmenter(cfg.checkpoint)
         names, cfg.input_size = json.loads(meta["class_names"]), int(meta["input_size"])  # the crop it trained at
         if len(names) != cfg.num_classes:
-            raise ValueError(f"--checkpoint {cfg.checkpoint} predicts {len(names)} classes; --num-classes is "
-                             f"{cfg.num_classes}.")
+            raise ValueError(
+                f"--checkpoint {cfg.checkpoint} predicts {len(names)} classes; --num-classes is {cfg.num_classes}."
+            )
         _, val = load_data(cfg, accelerator.process_index, accelerator.num_processes, train=False)
-        loader = seg.build_val_loader(val, accelerator.process_index, accelerator.num_processes,
-                                      num_workers=cfg.num_workers or 0)
+        loader = seg.build_val_loader(
+            val, accelerator.process_index, accelerator.num_processes, num_workers=cfg.num_workers or 0
+        )
         m = evaluate(accelerator, net.to(accelerator.device), loader, cfg, names)
-        return {"eval_mode": cfg.eval_mode, "ms_flip": cfg.eval_ms_flip,
-                **{k: v for k, v in m.items() if k != "class_names"}}
+        return {
+            "eval_mode": cfg.eval_mode,
+            "ms_flip": cfg.eval_ms_flip,
+            **{k: v for k, v in m.items() if k != "class_names"},
+        }
 
     return evaluate_only(cfg, run)
 
@@ -100,8 +129,13 @@ def evaluate_checkpoint(cfg) -> dict:
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     from ...training.config import cli
 
-    cli(SegmentConfig, lambda cfg: evaluate_checkpoint(cfg) if cfg.eval_only else segment(cfg), argv,
-        description=USAGE, prog=prog)
+    cli(
+        SegmentConfig,
+        lambda cfg: evaluate_checkpoint(cfg) if cfg.eval_only else segment(cfg),
+        argv,
+        description=USAGE,
+        prog=prog,
+    )
 
 
 USAGE = """Semantic segmentation (UperNet) fine-tuning from a pretrained encoder, and its evaluation.

@@ -13,6 +13,7 @@ own: Dropout2d(0.1) before each head's classifier, and the auxiliary logits kept
 forward only returns them inside its own loss, whose normalisation is not mmseg's; see
 ``segmentation_loss``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,15 @@ OUTPUT_NORMS = "hidden_states_norms."  # the per-stage LayerNorms: fresh, not pa
 AUX_LOGITS = "_train_logits"
 
 
-def build_segmenter(model_name: str, num_classes: int, head_channels: int = 512, drop_path: float = 0.0,
-                    aux_weight: float = 0.4, dropout: float = 0.1, class_names: list[str] | None = None):
+def build_segmenter(
+    model_name: str,
+    num_classes: int,
+    head_channels: int = 512,
+    drop_path: float = 0.0,
+    aux_weight: float = 0.4,
+    dropout: float = 0.1,
+    class_names: list[str] | None = None,
+):
     """A fresh ``transformers.UperNetForSemanticSegmentation`` for a registered ConvNeXt (V2, or V1).
     ``head_channels``: UPerHead width (512 in mmseg); auxiliary FCN head: 256 channels, one conv, on
     stage 3. Nothing is downloaded: the backbone is built from its config."""
@@ -48,13 +56,30 @@ def build_segmenter(model_name: str, num_classes: int, head_channels: int = 512,
         raise ValueError(f"UPerNet needs a four-stage ConvNeXt; {model_name!r} is not one. Choose one of {known}.")
     names = class_names or [f"class {i}" for i in range(num_classes)]
     backbone = (ConvNextV2Config if cfg.grn else ConvNextConfig)(
-        num_channels=3, patch_size=4, num_stages=4, depths=list(cfg.depths), hidden_sizes=list(cfg.dims),
-        drop_path_rate=drop_path, layer_norm_eps=1e-6, out_features=STAGES)  # 1e-6: ConvNeXt's eps everywhere
+        num_channels=3,
+        patch_size=4,
+        num_stages=4,
+        depths=list(cfg.depths),
+        hidden_sizes=list(cfg.dims),
+        drop_path_rate=drop_path,
+        layer_norm_eps=1e-6,
+        out_features=STAGES,
+    )  # 1e-6: ConvNeXt's eps everywhere
     config = UperNetConfig(
-        backbone_config=backbone, num_labels=num_classes, hidden_size=head_channels, pool_scales=[1, 2, 3, 6],
-        use_auxiliary_head=True, auxiliary_in_channels=cfg.dims[2], auxiliary_channels=256, auxiliary_num_convs=1,
-        auxiliary_concat_input=False, auxiliary_loss_weight=aux_weight, loss_ignore_index=IGNORE_INDEX,
-        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        backbone_config=backbone,
+        num_labels=num_classes,
+        hidden_size=head_channels,
+        pool_scales=[1, 2, 3, 6],
+        use_auxiliary_head=True,
+        auxiliary_in_channels=cfg.dims[2],
+        auxiliary_channels=256,
+        auxiliary_num_convs=1,
+        auxiliary_concat_input=False,
+        auxiliary_loss_weight=aux_weight,
+        loss_ignore_index=IGNORE_INDEX,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
     net = UperNetForSemanticSegmentation(config)
     net.fcmae_model_name = model_name
     for head in (net.decode_head, net.auxiliary_head):
@@ -95,6 +120,7 @@ def model_name_of(segmenter) -> str:
 
 # ----------------------------------------------------------------------------- the pretrained encoder
 
+
 def load_encoder_into(segmenter, source) -> LoadReport:
     """Load a pretrained encoder into the segmenter's backbone, strictly.
 
@@ -115,8 +141,9 @@ def load_encoder_into(segmenter, source) -> LoadReport:
     missing = [k for k in own if k not in weights and not k.startswith(OUTPUT_NORMS)]
     unexpected = [k for k in weights if k not in own]
     if missing or unexpected:  # the rename tables and transformers' backbone disagree: a bug, not a user error
-        raise RuntimeError(f"fcmae -> transformers backbone names do not match: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}.")
+        raise RuntimeError(
+            f"fcmae -> transformers backbone names do not match: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
     segmenter.backbone.load_state_dict(weights, strict=False)
     report.missing = [f"backbone.{k}" for k in own if k.startswith(OUTPUT_NORMS)]
     report.ignored += ["head.norm.weight", "head.norm.bias"] if had_final_norm else []
@@ -126,13 +153,20 @@ def load_encoder_into(segmenter, source) -> LoadReport:
 
 # ----------------------------------------------------------------------------- loss
 
-def segmentation_loss(logits: torch.Tensor, aux_logits: torch.Tensor | None, labels: torch.Tensor,
-                      aux_weight: float = 0.4, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    aux_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    aux_weight: float = 0.4,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Cross-entropy of the main logits + ``aux_weight`` x that of the auxiliary logits, both resized
     (bilinear, align_corners=False) to the label size. As mmseg's CrossEntropyLoss (avg_non_ignore=False,
     the default the official ConvNeXt configs use): summed over labelled pixels, divided by all pixels.
     transformers' UperNet loss divides by the labelled pixels instead (a NaN when a batch has none),
     hence this one. Logits (B, K, h, w), labels (B, H, W) long with ``ignore_index``."""
+
     def ce(x):
         if x.shape[-2:] != labels.shape[-2:]:
             x = F.interpolate(x, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -150,6 +184,7 @@ def train_loss(model, net, images: torch.Tensor, labels: torch.Tensor, aux_weigh
 
 
 # ----------------------------------------------------------------------------- optimiser
+
 
 def lr_scale(segmenter, layer_decay: float, decay_type: str = "stage"):
     """Layer-wise lr decay of the backbone: ``stage`` (mmseg's ``stage_wise`` ConvNeXt rule, which the
@@ -177,8 +212,11 @@ def set_grad_checkpointing(segmenter) -> None:
 
 
 def _checkpointed(checkpoint, forward, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs) if torch.is_grad_enabled() else \
-        forward(*args, **kwargs)
+    return (
+        checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if torch.is_grad_enabled()
+        else forward(*args, **kwargs)
+    )
 
 
 def build(cfg, names: list[str]):

@@ -26,6 +26,7 @@ Everything else in the head already exports correctly: the PPM / FPN / final ``i
 become Resize (linear, half_pixel, ``sizes`` computed from Shape), BatchNorm (eval: running
 statistics) has no shape in it, the auxiliary head is dead code for the logits output.
 """
+
 from __future__ import annotations
 
 import copy

@@ -11,6 +11,7 @@ the classes blended in. Folders are read for their images. The model, class name
 from the checkpoint (a segmentation run directory, or its best/last.safetensors). Every readable image
 is predicted; each unreadable one is named with its reason on stderr, and the command then exits 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ from ...training.config import images_parser
 from .artifact import load_segmenter
 from .evaluation import IGNORE_INDEX, MS_RATIOS, predict_logits
 
-
 # ----------------------------------------------------------------------------- drawing
+
 
 def palette(num_colors: int = 256) -> np.ndarray:
     """(256, 3) uint8: the PASCAL VOC colour map (bits of the index spread over R, G, B), shifted by one so
@@ -47,8 +48,9 @@ def palette(num_colors: int = 256) -> np.ndarray:
     return out[:num_colors]
 
 
-def save_prediction(image: Image.Image, label_map, out_dir: str | Path, stem: str, class_names: list[str],
-                    alpha: float = 0.5) -> tuple[Path, Path]:
+def save_prediction(
+    image: Image.Image, label_map, out_dir: str | Path, stem: str, class_names: list[str], alpha: float = 0.5
+) -> tuple[Path, Path]:
     """``<stem>.png``: the label map as a palette PNG (pixel value = class index, 255 = ignored, black),
     with the classes present and their colours in its text metadata; ``<stem>_overlay.png``: the image
     with each class's colour blended in at ``alpha`` (ignored pixels untouched). Returns both paths."""
@@ -77,6 +79,7 @@ def save_prediction(image: Image.Image, label_map, out_dir: str | Path, stem: st
 
 # ----------------------------------------------------------------------------- the command
 
+
 @torch.no_grad()
 def predict(args) -> int:
     net, meta = load_segmenter(args.checkpoint)
@@ -88,8 +91,15 @@ def predict(args) -> int:
     for path, image in images:
         x = eval_transform(np.asarray(image), size)[None].to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            scores = predict_logits(net, x, args.mode, crop=size, ms_ratios=MS_RATIOS if args.ms_flip else None,
-                                    flip=args.ms_flip, out_size=(image.height, image.width))
+            scores = predict_logits(
+                net,
+                x,
+                args.mode,
+                crop=size,
+                ms_ratios=MS_RATIOS if args.ms_flip else None,
+                flip=args.ms_flip,
+                out_size=(image.height, image.width),
+            )
         mask, overlay = save_prediction(image, scores.argmax(1)[0], args.out_dir, Path(path).stem, names, args.alpha)
         print(f"{path} -> {mask} {overlay}", flush=True)
     return report_unreadable(failed, len(paths))
@@ -97,8 +107,12 @@ def predict(args) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "fcmae predict") -> int:
     parser = images_parser(prog, __doc__, "segmentation run directory or its best/last.safetensors", "predictions")
-    parser.add_argument("--mode", choices=("whole", "slide"), default="slide",
-                        help="slide: windows of the input size, stride 2/3 of it (mmseg's ADE20K test)")
+    parser.add_argument(
+        "--mode",
+        choices=("whole", "slide"),
+        default="slide",
+        help="slide: windows of the input size, stride 2/3 of it (mmseg's ADE20K test)",
+    )
     parser.add_argument("--ms-flip", action="store_true", help="average scales 0.5..1.75 and their mirror images")
     parser.add_argument("--input-size", type=int, help="short side to resize to (default: the checkpoint's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
