@@ -1,5 +1,6 @@
 """``python finetune/detect.py ...``: the same as ``fcmae detect ...``; ``finetune/detect.py predict IMAGES
 --checkpoint RUN`` is ``fcmae predict``."""
+
 import sys
 
 from fcmae.cli import main

@@ -1,5 +1,6 @@
 """``python finetune/segment.py ...``: the same as ``fcmae segment ...``; ``finetune/segment.py predict IMAGES
 --checkpoint RUN`` is ``fcmae predict``."""
+
 import sys
 
 from fcmae.cli import main

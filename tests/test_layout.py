@@ -80,3 +80,17 @@ def test_sources_cite_nothing_a_reader_cannot_see():
         if pattern.search(line)
     ]
     assert not hits, hits[:10]
+
+
+def test_readme_commands_are_what_ci_runs():
+    """README command 1 installs as .ci/run installs (its demo part is read from the README by
+    .ci/check_demo.sh), and command 2 is the test command .ci/run runs."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, commands
+    setup, tests = commands
+    install = re.search(r"pip install [^&]+", setup).group(0).strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install.replace("pip install ", "pip install -q ") in ci, install
+    assert setup.rsplit("&& ", 1)[1].startswith("accelerate launch ") and "check_demo.sh" in ci
+    assert tests in ci.replace(" --durations=25", ""), tests

@@ -12,6 +12,7 @@ to skip them.
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -54,16 +55,35 @@ def local_slurm(tmp_path_factory):
     if os.environ.get("FCMAE_SKIP_SLURM") == "1":
         pytest.skip("FCMAE_SKIP_SLURM=1")
     state = tmp_path_factory.mktemp("slurm-state")
-    env = {**os.environ, "FCMAE_SLURM_CRED_EXPIRE": os.environ.get("FCMAE_TEST_SLURM_CRED_EXPIRE", "10")}
+    ctld, slurmd = free_ports(2)  # a Slurm left running by an earlier, killed session cannot collide
+    env = {
+        **os.environ,
+        "FCMAE_SLURM_CRED_EXPIRE": os.environ.get("FCMAE_TEST_SLURM_CRED_EXPIRE", "10"),
+        "FCMAE_SLURM_CTLD_PORT": str(ctld),
+        "FCMAE_SLURM_SLURMD_PORT": str(slurmd),
+        "FCMAE_SLURM_TIMEOUT": "180",  # a busy machine registers the node slowly
+    }
+    stop = ["bash", str(ROOT / ".ci" / "stop_slurm.sh"), str(state)]
     t0 = time.monotonic()
-    proc = subprocess.run(
-        ["bash", str(ROOT / ".ci" / "start_slurm.sh"), str(state)], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f".ci/start_slurm.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    start = ["bash", str(ROOT / ".ci" / "start_slurm.sh"), str(state)]
+    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        subprocess.run(stop, capture_output=True, timeout=180)  # no daemons left behind
+        pytest.fail(f".ci/start_slurm.sh failed:\n{proc.stdout}\n{proc.stderr}")
     conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
     print(f"local Slurm up in {time.monotonic() - t0:.1f} s ({conf})")
     yield conf
-    subprocess.run(["bash", str(ROOT / ".ci" / "stop_slurm.sh"), str(state)], capture_output=True, timeout=180)
+    subprocess.run(stop, capture_output=True, timeout=180)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
 
 
 def job_info(job: str, conf: str) -> dict:

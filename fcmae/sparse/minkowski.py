@@ -38,11 +38,10 @@ from torch import nn
 from .masking import keep_map
 
 INSTALL_HINT = (
-    "The 'minkowski' backend needs MinkowskiEngine 0.5.4, an optional dependency built from source "
-    "(about 7 minutes on 2 idle CPU cores). Install it into the active virtual environment with "
-    "`bash .ci/install_minkowski.sh` (needs a C++ compiler and libopenblas-dev; see the README, "
-    "'Optional: the MinkowskiEngine backend'), or use backend='gather' (fastest) or 'dense' (reference), "
-    "which compute the same thing."
+    "The 'minkowski' backend needs MinkowskiEngine 0.5.4, an optional dependency built from source. "
+    "Install it into the active virtual environment with `bash .ci/install_minkowski.sh` (needs a C++ "
+    "compiler and libopenblas-dev; see docs/minkowski.md), or use backend='gather' (fastest) or 'dense' "
+    "(reference), which compute the same thing."
 )
 
 _ME = None
