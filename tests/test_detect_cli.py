@@ -228,12 +228,30 @@ def test_presets_parse_to_the_published_recipe():
         cfg = parse_args(DetectConfig, ["--config", str(ROOT / "configs" / "detect" / f"{name}.yaml"), "--data", "x"])
         assert cfg.lr == 1e-4 and cfg.weight_decay == 0.05 and cfg.layer_decay == 0.95 and cfg.drop_path == 0.4
         assert cfg.lr_milestones == [27, 33] and cfg.epochs == 36 and cfg.layer_decay_type == "layer_wise"
+    base = parse_args(DetectConfig, ["--config", str(ROOT / "configs/detect/convnextv2_base_coco_maskrcnn_3x.yaml")])
+    tiny = parse_args(DetectConfig, ["--config", str(ROOT / "configs/detect/convnextv2_tiny_coco_maskrcnn_3x.yaml")])
+    assert (base.jitter, base.task.train_scale, base.task.eval_size) == ("lsj", 1024, 800)
+    assert (tiny.jitter, tiny.task.train_scale, tiny.task.eval_size) == ("multiscale", 800, 800)
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_milestones_past_the_epochs_and_auto_precision():
+    with pytest.raises(ValueError, match="--lr-milestones"):  # 27 and 33 of 12 epochs would never drop the lr
+        parse_args(DetectConfig, ["--data", "x", "--epochs", "12"]).validate()
+    parse_args(DetectConfig, ["--data", "x", "--epochs", "12", "--lr-milestones", "8,11"]).validate()
+    from fcmae.training.config import resolve_precision
+
+    cfg = parse_args(DetectConfig, ["--data", "x"])
+    assert cfg.mixed_precision == "auto"  # bf16 only on a GPU that has it: CPUs emulate bf16
+    assert resolve_precision("auto") == (
+        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    )
+    assert resolve_precision("fp16") == "fp16"
 
 
 def test_two_processes_count_each_image_once(coco, pretrained, tmp_path):

@@ -212,6 +212,26 @@ def test_multiscale_jitter_resizes_boxes_masks_and_image_together(coco_data):
     assert flips == {True, False}
 
 
+def test_fixed_jitter_trains_at_the_evaluation_scale_with_flips_only(coco_data):
+    ann_path, images_dir = coco_data
+    size = 96
+    ds = DetectionDataset(load_coco(ann_path), images_dir, train=True, scale=size, jitter="fixed", seed=1)
+    plain = DetectionDataset(load_coco(ann_path), images_dir, train=False)
+    flips = set()
+    for epoch in range(4):
+        for index in range(len(ds)):
+            image, t = ds[(index, epoch)]
+            im = ds.images[index]
+            scale = min(size / min(im["height"], im["width"]), size * 1333 / 800 / max(im["height"], im["width"]))
+            assert tuple(image.shape[-2:]) == (round(im["height"] * scale), round(im["width"] * scale))
+            ref = F.interpolate(plain[index][0][None], size=image.shape[-2:], mode="bilinear", antialias=True)[0]
+            flipped = not torch.allclose(image, ref, atol=1e-4)
+            flips.add(flipped)
+            torch.testing.assert_close(image, ref.flip(-1) if flipped else ref, atol=1e-4, rtol=0)
+            assert t["masks"].shape[-2:] == image.shape[-2:]
+    assert flips == {True, False}
+
+
 def test_lsj_crops_to_input_size_and_keeps_boxes_on_masks(coco_data):
     ds = DetectionDataset(load_coco(coco_data[0]), coco_data[1], train=True, scale=64, jitter="lsj")
     shapes = set()
@@ -412,6 +432,23 @@ def test_detector_trains_one_step(coco_data, masks):
     sum(losses.values()).backward()
     stem = detector.backbone.body.stem[0].weight.grad
     assert stem is not None and torch.isfinite(stem).all() and stem.abs().sum() > 0
+
+
+def test_small_head_init_starts_the_mask_loss_at_log_2(coco_data):
+    """torchvision's mask logits init (kaiming, fan_out = the class count) gives a first mask loss of ~3
+    with 3 classes; 'small' (detectron2's N(0, 0.001)) starts it at log 2."""
+    ann_path, images_dir = coco_data
+    ds = DetectionDataset(load_coco(ann_path), images_dir, train=True, scale=128)
+    images, targets = collate([ds[(0, 0)], ds[(3, 0)]])
+    loss = {}
+    for init in ("small", "torchvision"):
+        torch.manual_seed(0)
+        detector = build_detector("convnextv2_atto", ds.categories.num_classes, 128, head_init=init, **SMALL).train()
+        with torch.no_grad():
+            loss[init] = detector(images, targets)["loss_mask"].item()
+    assert loss["small"] == pytest.approx(math.log(2), abs=0.01) and loss["torchvision"] > 1.0
+    with pytest.raises(ValueError, match="head_init"):
+        build_detector("convnextv2_atto", 4, 64, head_init="xavier")
 
 
 def test_heads_keep_float32_boxes_under_bf16_autocast():

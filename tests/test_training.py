@@ -89,3 +89,21 @@ def test_resolved_schedule_by_hand():
         build(RunConfig, dict(lr=None, blr=1e-3, batch_size=32, grad_accum=2, epochs=2, warmup_epochs=0.5)), 10, 4
     )
     assert (s.total, s.warmup, s.eff_batch) == (10, 2, 256) and s.lr == pytest.approx(1e-3)
+
+
+def test_a_runs_config_yaml_starts_a_new_run(tmp_path):
+    """config.yaml holds every field flat and the facts resolved at the start (world size, the
+    schedule in steps, ...): given back as --config, the facts are skipped and the fields kept."""
+    import yaml
+
+    from fcmae.tasks.segment.config import SegmentConfig
+    from fcmae.training.config import RUN_FACTS, flatten
+
+    cfg = parse_args(SegmentConfig, ["--data", "d", "--lr", "3e-4", "--num-classes", "5", "--mixed-precision", "auto"])
+    facts = dict(world_size=2, total_steps=100, warmup_steps_resolved=10, classes=["a", "b"], abs_lr=3e-4)
+    assert set(facts) <= RUN_FACTS
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**flatten(cfg.to_dict()), **facts}))
+    again = parse_args(SegmentConfig, ["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg and (again.lr, again.num_classes, again.mixed_precision) == (3e-4, 5, "auto")
+    with pytest.raises(ValueError, match="--mixed-precision"):
+        build(SegmentConfig, dict(data="d", mixed_precision="fp8")).validate()

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MIN_BOX = 1.0  # px, after clipping (mmdetection's CocoDataset skips w < 1 or h < 1)
 MIN_AUG_BOX = 1e-2  # px, after jitter and crop (mmdetection's FilterAnnotations in its ConvNeXt-V2 config)
-JITTERS = ("multiscale", "lsj")
+JITTERS = ("multiscale", "lsj", "fixed")
 
 
 @dataclass
@@ -239,7 +239,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     ``coco``: a dict from ``load_coco`` or ``coco_from_hub``; images are read from
     ``image_dir / file_name`` or, with ``hf``, from row ``row`` of that dataset's ``image`` column.
-    ``train``: targets with masks and seeded jitter (``jitter`` 'multiscale' or 'lsj' at ``scale``: the
+    ``train``: targets with masks and seeded jitter (``jitter`` 'multiscale', 'lsj' or 'fixed' at ``scale``: the
     largest short side, or the crop); otherwise the original image with boxes and labels only.
     """
 
@@ -338,11 +338,12 @@ def jitter_and_flip(image, target, rng: np.random.Generator, scale: int, jitter:
     'multiscale' (ConvNeXt's official Mask R-CNN recipe, scaled to ``scale`` S): short side one
     of S * {480, 512, ..., 800} / 800, long side at most S * 1333 / 800. 'lsj' (large-scale jitter,
     mmdetection's ConvNeXt-V2 config): fit in S x S times a ratio in [0.1, 2.0], then a random
-    S x S crop (boxes clipped to it, those cut away dropped). Flip with probability 0.5.
+    S x S crop (boxes clipped to it, those cut away dropped). 'fixed': no scale jitter, the
+    evaluation resize (short side S, long side at most S * 1333 / 800). Flip with probability 0.5.
     """
     h, w = image.shape[-2:]
-    if jitter == "multiscale":
-        short = scale * rng.choice(np.arange(480, 801, 32)) / 800
+    if jitter in ("multiscale", "fixed"):
+        short = scale * (rng.choice(np.arange(480, 801, 32)) / 800 if jitter == "multiscale" else 1.0)
         factor = min(short / min(h, w), scale * 1333 / 800 / max(h, w))
     else:
         factor = rng.uniform(0.1, 2.0) * scale / max(h, w)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data import StreamLoader
 from ..sparse.masking import sample_keys
-from .config import flatten, save_yaml
+from .config import RUN_FACTS, flatten, resolve_precision, save_yaml
 from .distributed import accelerator_kwargs, after_prepare, configure, distributed_name, is_sharded, load_sharded
 from .health import Health
 from .optim import backward_micro_batch, lr_at, optimizer_step, set_lr
@@ -110,7 +110,7 @@ class Run:
         self.cfg, self.project, self.wrap = cfg, project, tuple(wrap)
         self.out = Path(cfg.output_dir)
         self.accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=resolve_precision(cfg.mixed_precision),
             log_with=trackers(cfg.report_to),
             project_dir=str(self.out),
             **accelerator_kwargs(self.wrap, cfg.dist_timeout),
@@ -160,6 +160,8 @@ class Run:
         """Restore ``pos`` from the checkpoint ``--resume`` names (or with ``restore(run, pos)``),
         write config.yaml (the resolved config and ``extra``) and the trackers' config, drop the log
         rows a resumed run repeats, and start the health watch. Returns ``pos``."""
+        if set(extra) - RUN_FACTS:
+            raise TypeError(f"Run.begin: name {sorted(set(extra) - RUN_FACTS)} in fcmae.training.config.RUN_FACTS")
         (restore or Run.restore)(self, pos)
         sched = self.sched  # config.yaml: every field flat (as flags and YAML keys are), then what was resolved
         resolved = {
@@ -173,6 +175,7 @@ class Run:
             "total_steps": sched.total,
             "warmup_steps_resolved": sched.warmup,
             "lr_milestone_steps": list(sched.milestones),
+            "mixed_precision_resolved": self.accelerator.mixed_precision,
         }
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -410,7 +413,7 @@ def evaluate_only(cfg, evaluate) -> dict:
     """``--eval-only``: set up Accelerate alone (no output folder), ``evaluate(accelerator) -> metrics``,
     print them as one JSON line with the checkpoint, tear down. Returns the metrics."""
     cfg.validate()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision))
     metrics = evaluate(accelerator)
     accelerator.print(json.dumps({"checkpoint": str(cfg.checkpoint), **metrics}))
     accelerator.free_memory()

@@ -6,12 +6,15 @@ from dataclasses import dataclass
 
 from ...data import detection as det
 from ...training.config import Alias, Config, help_field
+from .model import HEAD_INITS
 
 
 @dataclass
 class DetectTask:
     jitter: str = help_field(
-        "multiscale (ConvNeXt 3x) | lsj (large-scale jitter, ConvNeXt-V2 mmdet config)", "multiscale"
+        "multiscale (ConvNeXt 3x) | lsj (large-scale jitter, ConvNeXt-V2 mmdet config) | fixed (flips only, "
+        "at the evaluation resize of --train-short-side)",
+        "multiscale",
     )
     train_short_side: int = help_field(
         "multiscale: the largest training short side S; short sides S x (480..800)/800, long sides <= S x 1333/800", 800
@@ -21,6 +24,11 @@ class DetectTask:
         "evaluation short side, long side <= x 1333/800 (default: --train-short-side)"
     )
     masks: bool = help_field("Mask R-CNN; --no-masks: Faster R-CNN (boxes only)", True)
+    head_init: str = help_field(
+        "small (mask logits from N(0, 0.001), as detectron2) | torchvision (kaiming fan_out: with few classes "
+        "the first mask loss is ~3, the largest part of the loss)",
+        "small",
+    )
     train_ann: str | None = help_field("COCO annotation JSON of the training images (overrides --data)")
     train_images: str | None = help_field("folder of the training images")
     val_ann: str | None = help_field("COCO annotation JSON of the validation images")
@@ -66,7 +74,7 @@ class DetectConfig(Config):
         layer_decay=0.95,
         layer_decay_type="layer_wise",
         drop_path=0.1,
-        mixed_precision="bf16",
+        mixed_precision="auto",
         save_every=5000,
         log_every=50,
         output_dir="outputs/detect",
@@ -103,6 +111,8 @@ class DetectConfig(Config):
     def check(self) -> None:
         if self.jitter not in det.JITTERS:
             raise ValueError(f"--jitter must be one of {', '.join(det.JITTERS)}; got {self.jitter!r}.")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"--head-init must be one of {', '.join(HEAD_INITS)}; got {self.head_init!r}.")
         if self.layer_decay_type not in ("layer_wise", "single"):
             raise ValueError(f"--layer-decay-type must be layer_wise or single; got {self.layer_decay_type!r}.")
         for name in ("train_short_side", "crop_size", "eval_short_side"):

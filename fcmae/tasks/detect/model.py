@@ -108,7 +108,12 @@ class Float32RoIHeads(_Float32, RoIHeads):
     pass
 
 
-def _check_args(num_classes: int, min_size: int, image_mean, image_std, in_chans: int) -> None:
+HEAD_INITS = ("small", "torchvision")
+
+
+def _check_args(num_classes: int, min_size: int, image_mean, image_std, in_chans: int, head_init: str) -> None:
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}; got {head_init!r}.")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and needs at least one object class; got {num_classes}.")
     if min_size < 32:
@@ -118,6 +123,12 @@ def _check_args(num_classes: int, min_size: int, image_mean, image_std, in_chans
             f"Give both image_mean and image_std ({in_chans} values each) for in_chans={in_chans}; "
             "the ImageNet defaults hold for RGB only."
         )
+
+
+def _small_mask_logits(conv: nn.Module) -> None:
+    """detectron2's init of the mask logits layer: N(0, 0.001), zero bias."""
+    nn.init.normal_(conv.weight, std=0.001)
+    nn.init.zeros_(conv.bias)
 
 
 def build_detector(
@@ -130,6 +141,7 @@ def build_detector(
     max_size: int | None = None,
     image_mean=None,
     image_std=None,
+    head_init: str = "small",
     **kwargs,
 ) -> MaskRCNN | FasterRCNN:
     """torchvision Mask R-CNN (``masks``) or Faster R-CNN on ``ConvNeXtFPNBackbone``, fresh weights.
@@ -146,9 +158,12 @@ def build_detector(
     values (torchvision's defaults for most). Not the same: torchvision's RoIAlign is not ``aligned``
     (mmdetection's is), and it applies hard NMS where mmdetection's ConvNeXt-V2 config uses soft-NMS.
     The RPN and RoI heads run in float32 under autocast (``_Float32``), as mmdetection keeps box
-    decoding and losses in float32 under fp16.
+    decoding and losses in float32 under fp16. ``head_init`` 'small' draws the mask logits layer from
+    N(0, 0.001) with zero bias, as detectron2 does, so every mask logit starts near 0 (mask loss log 2);
+    'torchvision' keeps torchvision's (and mmdetection's) kaiming fan_out init, whose std sqrt(2 / K)
+    grows as the class count K falls: with 3 classes the first mask loss is about 3.
     """
-    _check_args(num_classes, min_size, image_mean, image_std, in_chans)
+    _check_args(num_classes, min_size, image_mean, image_std, in_chans, head_init)
     backbone = ConvNeXtFPNBackbone(model_name, drop_path=drop_path, in_chans=in_chans)
     common = dict(
         min_size=min_size,
@@ -164,12 +179,10 @@ def build_detector(
     )
     common.update(kwargs)
     if masks:
-        detector = MaskRCNN(
-            backbone,
-            num_classes,
-            **common,
-            mask_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0),
-        )
+        mask_pool = MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0)
+        detector = MaskRCNN(backbone, num_classes, **common, mask_roi_pool=mask_pool)
+        if head_init == "small":
+            _small_mask_logits(detector.roi_heads.mask_predictor.mask_fcn_logits)
     else:
         detector = FasterRCNN(backbone, num_classes, **common)
     # the same modules and parameter names, with a float32 forward (see _Float32)
@@ -218,7 +231,9 @@ def build(cfg, cats):
     """(detector, encoder LoadReport or None): the encoder of ``--from-fcmae`` loaded strictly."""
     weights, name = open_pretrained(cfg.from_fcmae, cfg.model)
     cfg.model = name
-    net = build_detector(name, cats.num_classes, cfg.task.eval_size, masks=cfg.masks, drop_path=cfg.drop_path)
+    net = build_detector(
+        name, cats.num_classes, cfg.task.eval_size, masks=cfg.masks, drop_path=cfg.drop_path, head_init=cfg.head_init
+    )
     if cfg.grad_checkpointing:  # the encoder's blocks; FPN and heads run once per level and are light
         net.backbone.body.set_grad_checkpointing(True)
     what = f"--from-fcmae {cfg.from_fcmae}"

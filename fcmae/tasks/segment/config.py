@@ -44,7 +44,7 @@ class SegmentConfig(Config):
         layer_decay=0.9,
         layer_decay_type="stage",
         eval_every=16000,
-        mixed_precision="bf16",
+        mixed_precision="auto",
         save_every=16000,
         log_every=50,
         output_dir="outputs/segment",
