@@ -57,7 +57,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 HOST=$(hostname -s)
-CPUS=$(nproc)
+CPUS=$(nproc --all)  # not nproc: it honours OMP_NUM_THREADS
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 CONF=$DIR/slurm.conf
 # a cluster name of this folder: the wait below checks that the controller answering is this one

@@ -9,11 +9,13 @@ and a PNG plot.
 With --step-results (a bench_pretrain.py JSON) it also prints, for each measured training step, the
 --num-workers that decodes images at least as fast as the step consumes them (per device).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import machine, pyplot  # noqa: E402
+from common import machine, pyplot, stamp  # noqa: E402
 
 
 def measure(cfg, batch_size: int, workers: int, batches: int) -> float:
@@ -31,7 +33,7 @@ def measure(cfg, batch_size: int, workers: int, batches: int) -> float:
     seen, epoch, t0 = 0, 0, None
     while seen < batches:
         loader.set_epoch(epoch)
-        for i, (imgs, _) in enumerate(loader):
+        for _batch in loader:
             if t0 is None:  # start after the first batch: worker start-up is not throughput
                 t0 = time.perf_counter()
                 continue
@@ -75,8 +77,10 @@ def recommend(rows: list[dict], steps: list[dict]) -> list[dict]:
         fit = next((r["workers"] for r in measured if r["images_per_sec"] >= need), None)
         if fit is None:
             fit = math.ceil(need / measured[-1]["per_worker"])
-        out.append({k: s[k] for k in ("model", "size", "precision", "channels_last", "compile", "backend")}
-                   | {"step_images_per_sec": need, "num_workers": fit})
+        out.append(
+            {k: s[k] for k in ("model", "size", "precision", "channels_last", "compile", "backend")}
+            | {"step_images_per_sec": need, "num_workers": fit}
+        )
     return out
 
 
@@ -86,8 +90,12 @@ def plot_by_workers(rows: list[dict], path: Path, title: str, ylabel: str, bare:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["workers"] for r in rows], [r["images_per_sec"] for r in rows], "o-",
-            label="training loop" if bare is not None else None)
+    ax.plot(
+        [r["workers"] for r in rows],
+        [r["images_per_sec"] for r in rows],
+        "o-",
+        label="training loop" if bare is not None else None,
+    )
     if bare is not None:
         ax.axhline(bare, color="gray", ls="--", label="bare step")
         ax.legend()
@@ -100,38 +108,65 @@ def plot_by_workers(rows: list[dict], path: Path, title: str, ylabel: str, bare:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="anything --data of pretraining takes (default: 512 JPEGs cut "
-                   "from the demo photos)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="anything --data of pretraining takes (default: --num-images "
+        "JPEGs cut from the demo photos, in a temporary folder)",
+    )
+    p.add_argument("--num-images", type=int, default=512, help="JPEGs cut from the demo photos (without --data)")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batches", type=int, default=24)
-    p.add_argument("--step-results", default=None, help="a bench_pretrain.py JSON: recommend --num-workers for each row")
+    p.add_argument(
+        "--step-results", default=None, help="a bench_pretrain.py JSON: recommend --num-workers for each row"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_loading_cpu.json"))
     args = p.parse_args()
     from fcmae.data import DataConfig
 
-
-    data = args.data or synthetic_folder(512)
+    info = machine()
+    data = args.data or synthetic_folder(args.num_images)
+    source = args.data or f"{args.num_images} demo-photo crops (256 px JPEG)"
     cfg = DataConfig(data=data, input_size=args.input_size)
     rows = []
     print(f"{'workers':>7s} {'images/s':>9s} {'per worker':>10s}")
-    for w in args.workers:
-        ips = measure(cfg, args.batch_size, w, args.batches)
-        rows.append(dict(workers=w, images_per_sec=ips, per_worker=ips / max(w, 1)))
-        print(f"{w:7d} {ips:9.1f} {ips / max(w, 1):10.1f}", flush=True)
-    info = machine()
+    try:
+        for w in args.workers:
+            ips = measure(cfg, args.batch_size, w, args.batches)
+            rows.append(dict(workers=w, images_per_sec=ips, per_worker=ips / max(w, 1)))
+            print(f"{w:7d} {ips:9.1f} {ips / max(w, 1):10.1f}", flush=True)
+    finally:
+        if not args.data:
+            shutil.rmtree(data, ignore_errors=True)
     recommended = recommend(rows, json.loads(Path(args.step_results).read_text())["rows"]) if args.step_results else []
     for r in recommended:
-        print(f"{r['model']} {r['size']} {r['precision']} {r['backend']}{' channels_last' if r['channels_last'] else ''}"
-              f"{' compiled' if r['compile'] else ''}: "
-              f"{r['step_images_per_sec']:.0f} img/s per device -> --num-workers {r['num_workers']}")
-    print(f"{info['device']} | {args.data or '512 demo-photo crops (256 px JPEG)'} | {args.input_size} px | RandomResizedCrop + flip + "
-          "normalise | batch " + str(args.batch_size))
+        print(
+            f"{r['model']} {r['size']} {r['precision']} {r['backend']}{' channels_last' if r['channels_last'] else ''}"
+            f"{' compiled' if r['compile'] else ''}: "
+            f"{r['step_images_per_sec']:.0f} img/s per device -> --num-workers {r['num_workers']}"
+        )
+    print(
+        f"{info['device']} | {source} | {args.input_size} px | RandomResizedCrop + flip + normalise | batch "
+        f"{args.batch_size}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "data": args.data or "512 demo-photo crops (256 px JPEG)", "input_size": args.input_size,
-                               "batch_size": args.batch_size, "rows": rows, "recommended": recommended}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "data": source,
+                "input_size": args.input_size,
+                "batch_size": args.batch_size,
+                "rows": rows,
+                "recommended": recommended,
+                **stamp(),
+            },
+            indent=1,
+        )
+    )
     plot_by_workers(rows, out.with_suffix(".png"), info["device"], "images / s (decode + augment)")
     print(f"saved {out}")
 

@@ -12,6 +12,7 @@ other processes do not inflate). timm's weights are loaded into ours with ``load
 the logits compared before timing. Prints a table and writes
 benchmarks/results/dense_vs_timm_<device>.json with the machine's description.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ from fcmae.weights import load_checkpoint
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(RESULTS.parent))
 
-from common import machine, pyplot  # noqa: E402
+from common import machine, pyplot, stamp  # noqa: E402
 
 
 def build_pair(name: str, size: int, batch: int, device: torch.device, channels_last: bool, compile: bool):
@@ -88,7 +89,7 @@ def bench(name: str, args, device: torch.device) -> list[dict]:
     for mode, step in (("train", train_step), ("infer", infer)):
         times = {k: [] for k in models}
         for i in range(args.warmup + args.iters):
-            for label in (("fcmae", "timm") if i % 2 == 0 else ("timm", "fcmae")):  # alternate who goes first
+            for label in ("fcmae", "timm") if i % 2 == 0 else ("timm", "fcmae"):  # alternate who goes first
                 sync(device)
                 t0 = clock()
                 step(label)
@@ -97,17 +98,28 @@ def bench(name: str, args, device: torch.device) -> list[dict]:
                     times[label].append(clock() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         best = {k: min(v) for k, v in times.items()}
-        row = dict(model=name, mode=mode, size=args.size, batch=args.batch,
-                   fcmae_img_s=args.batch / med["fcmae"], timm_img_s=args.batch / med["timm"],
-                   fcmae_ms=1e3 * med["fcmae"], timm_ms=1e3 * med["timm"],
-                   fcmae_ms_min=1e3 * best["fcmae"], timm_ms_min=1e3 * best["timm"],
-                   fcmae_ms_all=[round(1e3 * t, 2) for t in times["fcmae"]],
-                   timm_ms_all=[round(1e3 * t, 2) for t in times["timm"]])
+        row = dict(
+            model=name,
+            mode=mode,
+            size=args.size,
+            batch=args.batch,
+            fcmae_img_s=args.batch / med["fcmae"],
+            timm_img_s=args.batch / med["timm"],
+            fcmae_ms=1e3 * med["fcmae"],
+            timm_ms=1e3 * med["timm"],
+            fcmae_ms_min=1e3 * best["fcmae"],
+            timm_ms_min=1e3 * best["timm"],
+            fcmae_ms_all=[round(1e3 * t, 2) for t in times["fcmae"]],
+            timm_ms_all=[round(1e3 * t, 2) for t in times["timm"]],
+        )
         row["speedup"] = row["fcmae_img_s"] / row["timm_img_s"]
         row["speedup_min"] = best["timm"] / best["fcmae"]
         rows.append(row)
-        print(f"{name:18s} {mode:6s} {row['fcmae_img_s']:10.1f} {row['timm_img_s']:10.1f} {row['speedup']:8.3f} "
-              f"{row['fcmae_ms_min']:10.1f} {row['timm_ms_min']:10.1f} {row['speedup_min']:8.3f}", flush=True)
+        print(
+            f"{name:18s} {mode:6s} {row['fcmae_img_s']:10.1f} {row['timm_img_s']:10.1f} {row['speedup']:8.3f} "
+            f"{row['fcmae_ms_min']:10.1f} {row['timm_ms_min']:10.1f} {row['speedup_min']:8.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -120,8 +132,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: process CPU time, for a loaded machine (use with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: process CPU time, for a loaded machine (use with --threads 1)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -136,14 +152,16 @@ def main() -> None:
     info = machine(str(device)) | {"timm": timm.__version__}
     print(json.dumps(info))
     print(f"{'':25s} {'median':^30s} {'minimum':^30s}")
-    print(f"{'model':18s} {'mode':6s} {'fcmae im/s':>10s} {'timm im/s':>10s} {'speedup':>8s} "
-          f"{'fcmae ms':>10s} {'timm ms':>10s} {'speedup':>8s}")
+    print(
+        f"{'model':18s} {'mode':6s} {'fcmae im/s':>10s} {'timm im/s':>10s} {'speedup':>8s} "
+        f"{'fcmae ms':>10s} {'timm ms':>10s} {'speedup':>8s}"
+    )
     rows = [r for name in args.models.split(",") for r in bench(name, args, device)]
     out = Path(args.out or RESULTS / f"dense_vs_timm_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     info["load_avg_1m_at_end"] = os.getloadavg()[0]  # other work on the machine skews both columns
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    out.write_text(json.dumps(dict(machine=info, settings=settings, results=rows), indent=1) + "\n")
+    out.write_text(json.dumps(dict(machine=info, settings=settings, results=rows, **stamp()), indent=1) + "\n")
     plot(rows, out.with_suffix(".png"), info, settings)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

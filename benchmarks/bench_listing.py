@@ -12,6 +12,7 @@ just written), so a cold disk or a network file system takes longer. --old-sizes
 datasets' pattern matching (get_data_patterns + DataFilesDict.from_patterns: an fsspec glob per
 pattern), which is how fcmae listed folders before.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import machine, pyplot  # noqa: E402
+from common import machine, pyplot, stamp  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -137,14 +138,29 @@ def main() -> None:
     for key, (a, b) in fits.items():
         print(f"{key}: {a:.2f} s + {b * 1e6:.2f} us/file -> {a + b * IMAGENET_TRAIN:.1f} s at {IMAGENET_TRAIN:,} files")
     info = machine("cpu")
-    print(f"{info['device']} | load average at start {info['load_avg_1m_at_start']:.1f} | batch {args.batch_size}, "
-          f"{args.input_size} px | {args.classes} class folders | warm file cache")
+    print(
+        f"{info['device']} | load average at start {info['load_avg_1m_at_start']:.1f} | batch {args.batch_size}, "
+        f"{args.input_size} px | {args.classes} class folders | warm file cache"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "classes": args.classes, "batch_size": args.batch_size,
-                               "input_size": args.input_size, "rows": rows,
-                               "fits": {k: {"a_s": a, "b_s_per_file": b, "at_imagenet_s": a + b * IMAGENET_TRAIN}
-                                        for k, (a, b) in fits.items()}}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "classes": args.classes,
+                "batch_size": args.batch_size,
+                "input_size": args.input_size,
+                "rows": rows,
+                "fits": {
+                    k: {"a_s": a, "b_s_per_file": b, "at_imagenet_s": a + b * IMAGENET_TRAIN}
+                    for k, (a, b) in fits.items()
+                },
+                **stamp(),
+            },
+            indent=1,
+        )
+    )
     plot(rows, fits, out.with_suffix(".png"), info["device"])
     print(f"saved {out}")
 

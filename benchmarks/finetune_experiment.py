@@ -28,6 +28,7 @@ where matplotlib is installed). A rerun with the same ``--work-dir`` reuses the 
 (their result.json): use a new work dir after changing flags. ``--tune`` runs short pretrainings
 on one seed and compares their final knn_acc1 (benchmarks/results/finetune_experiment_tune.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,15 +46,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, pyplot  # noqa: E402
+from common import machine, pyplot, stamp  # noqa: E402
 
 PRESET = ROOT / "configs" / "pretrain" / "small_data.yaml"
 RNG_LOCK = threading.Lock()  # random_knn seeds torch's global generator; runs share it from threads
 # one factor at a time around the preset's starting point: (name, extra pretrain flags)
-TUNE_GRID = [("mask0.5_lr1e-3_dec512", ["--mask-ratio", 0.5, "--lr", 1e-3, "--decoder-dim", 512]),
-             ("mask0.75_lr1e-3_dec512", ["--mask-ratio", 0.75, "--lr", 1e-3, "--decoder-dim", 512]),
-             ("mask0.5_lr3e-3_dec512", ["--mask-ratio", 0.5, "--lr", 3e-3, "--decoder-dim", 512]),
-             ("mask0.5_lr1e-3_dec128", ["--mask-ratio", 0.5, "--lr", 1e-3, "--decoder-dim", 128])]
+TUNE_GRID = [
+    ("mask0.5_lr1e-3_dec512", ["--mask-ratio", 0.5, "--lr", 1e-3, "--decoder-dim", 512]),
+    ("mask0.75_lr1e-3_dec512", ["--mask-ratio", 0.75, "--lr", 1e-3, "--decoder-dim", 512]),
+    ("mask0.5_lr3e-3_dec512", ["--mask-ratio", 0.5, "--lr", 3e-3, "--decoder-dim", 512]),
+    ("mask0.5_lr1e-3_dec128", ["--mask-ratio", 0.5, "--lr", 1e-3, "--decoder-dim", 128]),
+]
 
 
 def make_digits(root: Path, size: int) -> dict:
@@ -85,10 +88,12 @@ def label_subset(files_by_class: dict, percent: float, seed: int) -> dict:
     exact = percent / 100 * counts
     take = np.maximum(1, np.floor(exact)).astype(int)
     order = np.lexsort((rng.random(len(classes)), -(exact - np.floor(exact))))  # largest remainder first
-    for i in order[:max(0, total - take.sum())]:
+    for i in order[: max(0, total - take.sum())]:
         take[i] += 1
-    return {c: sorted(rng.choice(files_by_class[c], size=min(n, len(files_by_class[c])), replace=False))
-            for c, n in zip(classes, take)}
+    return {
+        c: sorted(rng.choice(files_by_class[c], size=min(n, len(files_by_class[c])), replace=False))
+        for c, n in zip(classes, take)
+    }
 
 
 def budget_folder(data: Path, out: Path, subset: dict, fill: int) -> int:
@@ -98,7 +103,7 @@ def budget_folder(data: Path, out: Path, subset: dict, fill: int) -> int:
     if out.exists():
         shutil.rmtree(out)
     repeats = -(-fill // sum(len(v) for v in subset.values()))
-    same_disk = (data.stat().st_dev == out.parent.stat().st_dev)
+    same_disk = data.stat().st_dev == out.parent.stat().st_dev
     link = os.link if same_disk else shutil.copy  # hard links: 9 folders of ~1.8k files cost no space
     for c, files in subset.items():
         (out / "train" / c).mkdir(parents=True)
@@ -116,8 +121,9 @@ def run(script: str, args: list, log: Path, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, stdout=f,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, script, *map(str, args)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
     if proc.returncode:
         raise RuntimeError(f"{script} failed (exit {proc.returncode}); see {log}")
     return time.perf_counter() - t0
@@ -143,7 +149,7 @@ def random_knn(data: Path, size: int, seed: int) -> float:
     import torch
 
     from fcmae import create_fcmae
-    from fcmae.tasks.knn import KnnMonitor
+    from fcmae.tasks.pretrain.evaluation import KnnMonitor
 
     with RNG_LOCK:
         torch.manual_seed(seed)
@@ -156,8 +162,25 @@ def pretrain(args, data: Path, out: Path, seed: int, extra: list) -> dict:
 
 
 def _pretrain(args, data: Path, out: Path, seed: int, extra: list) -> dict:
-    flags = ["--config", args.preset, "--data", data / "train", "--knn-data", data, "--seed", seed,
-             "--num-workers", 0, "--report-to", "none", "--num-recon", 0, "--save-every", 100000, *extra]
+    flags = [
+        "--config",
+        args.preset,
+        "--data",
+        data / "train",
+        "--knn-data",
+        data,
+        "--seed",
+        seed,
+        "--num-workers",
+        0,
+        "--report-to",
+        "none",
+        "--num-recon",
+        0,
+        "--save-every",
+        100000,
+        *extra,
+    ]
     seconds = run("fcmae/pretrain.py", [*flags, "--output-dir", out], out.parent / f"{out.name}.log", args.threads)
     log = rows(out)
     knn = [(r["step"], round(r["knn_acc1"], 2)) for r in log if "knn_acc1" in r]
@@ -170,16 +193,53 @@ def finetune(args, data: Path, out: Path, seed: int, encoder: Path | None) -> di
 
 
 def _finetune(args, data: Path, out: Path, seed: int, encoder: Path | None) -> dict:
-    flags = ["--model", "convnextv2_atto", "--input-size", args.size, "--batch-size", args.batch_size,
-             "--num-workers", 0, "--report-to", "none", "--seed", seed, "--data", data,
-             "--max-steps", args.finetune_steps, "--warmup-steps", args.finetune_steps // 10,
-             "--lr", args.finetune_lr, "--aa", "none", "--color-jitter", "none", "--reprob", 0, "--mixup", 0,
-             "--cutmix", 0, "--smoothing", 0.1, "--drop-path", 0.1, "--weight-decay", 0.05]
+    flags = [
+        "--model",
+        "convnextv2_atto",
+        "--input-size",
+        args.size,
+        "--batch-size",
+        args.batch_size,
+        "--num-workers",
+        0,
+        "--report-to",
+        "none",
+        "--seed",
+        seed,
+        "--data",
+        data,
+        "--max-steps",
+        args.finetune_steps,
+        "--warmup-steps",
+        args.finetune_steps // 10,
+        "--lr",
+        args.finetune_lr,
+        "--aa",
+        "none",
+        "--color-jitter",
+        "none",
+        "--reprob",
+        0,
+        "--mixup",
+        0,
+        "--cutmix",
+        0,
+        "--smoothing",
+        0.1,
+        "--drop-path",
+        0.1,
+        "--weight-decay",
+        0.05,
+    ]
     flags += ["--from-fcmae", encoder, "--layer-decay", 0.9] if encoder else ["--layer-decay", 1.0]
     seconds = run("finetune/run.py", [*flags, "--output-dir", out], out.parent / f"{out.name}.log", args.threads)
     log = rows(out)
-    return {"final_acc1": log[-1]["acc1"], "best_acc1": max(r["acc1"] for r in log),
-            "acc1_per_eval": [(r["step"], round(r["acc1"], 2)) for r in log], "seconds": round(seconds, 1)}
+    return {
+        "final_acc1": log[-1]["acc1"],
+        "best_acc1": max(r["acc1"] for r in log),
+        "acc1_per_eval": [(r["step"], round(r["acc1"], 2)) for r in log],
+        "seconds": round(seconds, 1),
+    }
 
 
 def mean_std(values: list) -> tuple[float, float]:
@@ -202,8 +262,20 @@ def tune(args, data: Path, work: Path) -> None:
         knn = [a for _, a in r["knn_acc1"]]
         print(f"| {name} | {knn[-1]:.2f} | {max(knn):.2f} | {r['loss_last']:.3f} |")
     out = Path(args.output).with_name("finetune_experiment_tune.json")
-    out.write_text(json.dumps({"seed": args.seeds[0], "epochs": args.tune_epochs, "base_preset": str(args.preset),
-                               "results": results, "machine": machine("cpu")}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "seed": args.seeds[0],
+                "epochs": args.tune_epochs,
+                "base_preset": str(args.preset),
+                "results": results,
+                "machine": machine("cpu"),
+                **stamp(),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"saved {out}")
 
 
@@ -219,10 +291,20 @@ def plot(record: dict, path: Path) -> None:
     a.legend()
     for method in ("fcmae", "scratch"):
         t = record["table"][method]
-        b.errorbar(record["budgets"], [t[str(x)]["mean"] for x in record["budgets"]],
-                   yerr=[t[str(x)]["std"] for x in record["budgets"]], marker="o", capsize=4, label=method)
-    b.set(xscale="log", xlabel="labelled training images (%)", ylabel="val top-1 (%), mean ± std",
-          title=f"fine-tuning, {record['config']['finetune_steps']} steps")
+        b.errorbar(
+            record["budgets"],
+            [t[str(x)]["mean"] for x in record["budgets"]],
+            yerr=[t[str(x)]["std"] for x in record["budgets"]],
+            marker="o",
+            capsize=4,
+            label=method,
+        )
+    b.set(
+        xscale="log",
+        xlabel="labelled training images (%)",
+        ylabel="val top-1 (%), mean ± std",
+        title=f"fine-tuning, {record['config']['finetune_steps']} steps",
+    )
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -274,41 +356,71 @@ def main() -> None:
     def arm(b, seed, method):
         encoder = work / f"pretrain_s{seed}" if method == "fcmae" else None
         r = finetune(args, work / f"data_b{b}_s{seed}", work / f"ft_{method}_b{b}_s{seed}", seed, encoder)
-        runs[f"{method}_b{b}_s{seed}"] = {"method": method, "budget": b, "seed": seed, "labelled": sizes[str(b)],
-                                          "repeats": repeats[b, seed], **r}
-        print(f"{method} {b}% seed {seed}: final {r['final_acc1']:.2f} best {r['best_acc1']:.2f} "
-              f"({r['seconds']:.0f} s)", flush=True)
+        runs[f"{method}_b{b}_s{seed}"] = {
+            "method": method,
+            "budget": b,
+            "seed": seed,
+            "labelled": sizes[str(b)],
+            "repeats": repeats[b, seed],
+            **r,
+        }
+        print(
+            f"{method} {b}% seed {seed}: final {r['final_acc1']:.2f} best {r['best_acc1']:.2f} ({r['seconds']:.0f} s)",
+            flush=True,
+        )
 
     with ThreadPoolExecutor(args.jobs) as pool:  # seed by seed, so a stopped run leaves whole seeds
-        jobs = [job for s in args.seeds
-                for job in [pool.submit(chain, s)] + [pool.submit(arm, b, s, "scratch") for b in args.budgets]]
+        jobs = [
+            job
+            for s in args.seeds
+            for job in [pool.submit(chain, s)] + [pool.submit(arm, b, s, "scratch") for b in args.budgets]
+        ]
         for j in jobs:
             j.result()
 
     final = lambda m, b: [runs[f"{m}_b{b}_s{s}"]["final_acc1"] for s in args.seeds]
-    table = {m: {str(b): dict(zip(("mean", "std"), mean_std(final(m, b)))) for b in args.budgets}
-             for m in ("fcmae", "scratch")}
-    gain = {str(b): dict(zip(("mean", "std"), mean_std(list(np.subtract(final("fcmae", b), final("scratch", b))))))
-            for b in args.budgets}
+    table = {
+        m: {str(b): dict(zip(("mean", "std"), mean_std(final(m, b)))) for b in args.budgets}
+        for m in ("fcmae", "scratch")
+    }
+    gain = {
+        str(b): dict(zip(("mean", "std"), mean_std(list(np.subtract(final("fcmae", b), final("scratch", b))))))
+        for b in args.budgets
+    }
     wall = time.perf_counter() - t_start
-    print(f"\nsklearn digits, {n_train} train / 360 val, convnextv2_atto at {args.size} px, {args.finetune_steps} "
-          f"fine-tuning steps (batch {args.batch_size}), seeds {args.seeds}, wall {wall / 60:.1f} min\n")
+    print(
+        f"\nsklearn digits, {n_train} train / 360 val, convnextv2_atto at {args.size} px, {args.finetune_steps} "
+        f"fine-tuning steps (batch {args.batch_size}), seeds {args.seeds}, wall {wall / 60:.1f} min\n"
+    )
     print("| labels | images | FCMAE + fine-tune | scratch | FCMAE - scratch (paired) |\n|---|---|---|---|---|")
     for b in args.budgets:
         f, s, g = table["fcmae"][str(b)], table["scratch"][str(b)], gain[str(b)]
-        print(f"| {b} % | {sizes[str(b)]} | {f['mean']:.2f} ± {f['std']:.2f} | {s['mean']:.2f} ± {s['std']:.2f} | "
-              f"{g['mean']:+.2f} ± {g['std']:.2f} |")
+        print(
+            f"| {b} % | {sizes[str(b)]} | {f['mean']:.2f} ± {f['std']:.2f} | {s['mean']:.2f} ± {s['std']:.2f} | "
+            f"{g['mean']:+.2f} ± {g['std']:.2f} |"
+        )
     for seed, r in pre.items():
         print(f"k-NN seed {seed}: " + ", ".join(f"{st}:{a:.1f}" for st, a in r["knn_acc1"]))
-    record = {"dataset": "sklearn load_digits (8x8 -> 64x64 bicubic RGB), stratified 80/20 split (random_state 0)",
-              "splits": {"train": n_train, "val": 360}, "budgets": args.budgets, "labelled_images": sizes,
-              "config": {**{k: v for k, v in vars(args).items() if k not in ("output",)},
-                         "preset": os.path.relpath(args.preset, ROOT), "work_dir": args.work_dir},
-              "table_metric": "val top-1 after the last fine-tuning step; mean and sample std over seeds",
-              "table": table, "gain_paired": gain, "pretrain": {str(s): r for s, r in pre.items()},
-              "runs": runs, "wall_seconds": round(wall, 1),  # this invocation; reused runs keep their own seconds
-              "run_seconds_total": round(sum(r["seconds"] for r in [*runs.values(), *pre.values()]), 1),
-              "machine": machine("cpu")}
+    record = {
+        "dataset": "sklearn load_digits (8x8 -> 64x64 bicubic RGB), stratified 80/20 split (random_state 0)",
+        "splits": {"train": n_train, "val": 360},
+        "budgets": args.budgets,
+        "labelled_images": sizes,
+        "config": {
+            **{k: v for k, v in vars(args).items() if k not in ("output",)},
+            "preset": os.path.relpath(args.preset, ROOT),
+            "work_dir": args.work_dir,
+        },
+        "table_metric": "val top-1 after the last fine-tuning step; mean and sample std over seeds",
+        "table": table,
+        "gain_paired": gain,
+        "pretrain": {str(s): r for s, r in pre.items()},
+        "runs": runs,
+        "wall_seconds": round(wall, 1),  # this invocation; reused runs keep their own seconds
+        "run_seconds_total": round(sum(r["seconds"] for r in [*runs.values(), *pre.values()]), 1),
+        "machine": machine("cpu"),
+        **stamp(),
+    }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -94,3 +94,16 @@ def test_readme_commands_are_what_ci_runs():
     assert install.replace("pip install ", "pip install -q ") in ci, install
     assert setup.rsplit("&& ", 1)[1].startswith("accelerate launch ") and "check_demo.sh" in ci
     assert tests in ci.replace(" --durations=25", ""), tests
+
+
+def test_hosted_ci_workflow_parses_and_runs_the_ci_script():
+    import yaml
+
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    assert set(flow[True]) >= {"push", "pull_request"}  # YAML 1.1 reads the key `on` as True
+    steps = [step for job in flow["jobs"].values() for step in job["steps"]]
+    runs = [step.get("run", "") for step in steps]
+    assert any(r.strip() == "bash .ci/run" for r in runs), runs
+    apt = next(r for r in runs if "apt-get install" in r)
+    assert "sudo" in apt and all(p in apt for p in ("libopenblas-dev", "slurmctld", "slurmd", "munge"))
+    assert any(step.get("with", {}).get("python-version") == "3.11" for step in steps)
