@@ -4,12 +4,14 @@ network computes at the visible sites."""
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from .masking import keep_map
 
+Grid = tuple[int, int]  # the (h, w) patch grid
 
-def _block(blk, x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+
+def _block(blk, x: Tensor, keep: Tensor, scale: Tensor | None = None) -> Tensor:
     """One ConvNeXt block on a map whose masked sites are zero; returns the same."""
     y = blk.conv_dw(x).permute(0, 2, 3, 1)
     y = blk.mlp.act(blk.mlp.fc1(blk.norm(y)))
@@ -21,13 +23,8 @@ def _block(blk, x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None 
 
 
 def forward_encoder(
-    encoder,
-    imgs: torch.Tensor,
-    mask: torch.Tensor,
-    grid: tuple[int, int],
-    num_visible: int | None = None,
-    scales: torch.Tensor | None = None,
-) -> torch.Tensor:
+    encoder, imgs: Tensor, mask: Tensor, grid: Grid, num_visible: int | None = None, scales: Tensor | None = None
+) -> Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches. ``scales`` (N, blocks): per-sample drop-path factors."""
     x, i = encoder.stem(imgs), 0  # non-overlapping: masking its output suffices

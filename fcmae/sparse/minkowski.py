@@ -33,7 +33,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .masking import keep_map
 
@@ -179,12 +179,12 @@ def __getattr__(name: str):
 
 def _forward_encoder(
     encoder,
-    imgs: torch.Tensor,
-    mask: torch.Tensor,
+    imgs: Tensor,
+    mask: Tensor,
     grid: tuple[int, int],
     num_visible: int | None = None,
-    scales: torch.Tensor | None = None,
-) -> torch.Tensor:
+    scales: Tensor | None = None,
+) -> Tensor:
     """imgs (N, C, H, W) with any C, mask (N, L) 0 keep / 1 remove over the (h, w) patch grid ->
     (N, C4, h, w), zero at masked patches. ``num_visible`` is accepted for the backend interface and
     not needed: sparse tensors hold any number of sites per sample. ``scales`` (N, blocks): per-sample
