@@ -10,6 +10,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: one thread per worker, so two workers share two cores
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
