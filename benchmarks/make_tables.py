@@ -612,6 +612,52 @@ def t_finetune_tune(fmt: str) -> str:
     )
 
 
+def t_peer_downstream(fmt: str) -> str:
+    """fcmae against the plain loops of the field's libraries: mean +- std over seeds, every seed."""
+    d = load("peer_downstream.json")
+    names = {"detect": "detection (Mask R-CNN)", "segment": "segmentation (UPerNet)"}
+    arms = {"fcmae": "fcmae, small-data preset", "plain": "plain loop (torchvision / transformers)"}
+    rows = []
+    for key, v in d["summary"].items():
+        if not isinstance(v, dict):
+            continue
+        task, arm = key.split("/")
+        for metric, x in v.items():
+            if not isinstance(x, dict):
+                continue
+            scale = 1 if metric == "mIoU" else 100
+            seeds = ", ".join(f"{y * scale:.1f}" for y in x["values"])
+            mean = f"{x['mean'] * scale:.1f} +- {x['std'] * scale:.1f}"
+            rows.append([names[task], arms[arm], metric.replace("_", " "), mean, seeds, minutes(v["wall_s_mean"])])
+    s = d["setup"]
+    note = (
+        f"{s['n_train']} training / {s['n_val']} validation images of {s['size']} px, batch 2, "
+        f"{s['det_steps']} detection / {s['seg_steps']} segmentation steps, seeds {s['seeds']}; AP in percent "
+        "(pycocotools), mIoU in percent over the 4 classes (background included); wall time per run, "
+        f"{s['jobs']} run(s) at a time, one thread each."
+    )
+    header = ["task", "arm", "metric", "mean +- std", "per seed", "wall per run"]
+    return table(header, rows) + "\n\n" + note + "\n\n" + source_line(["peer_downstream.json"], fmt)
+
+
+def t_detect_ablation(fmt: str) -> str:
+    """The one-seed study of the recipe before the fixes (box and mask AP50, percent)."""
+    d = load("detect_ablation_study.json")
+    rows = [
+        [f"`{r['arm']}`", d["arms"][r["arm"]], f"{100 * r['bbox_AP50']:.1f}", f"{100 * r['segm_AP50']:.1f}"]
+        for r in d["rows"]
+        if r["rc"] == 0
+    ]
+    note = f"Seeds {d['seeds']}. {d['setup']}. Data: {d['data']}. Code: {d['code']}."
+    return (
+        table(["arm", "what changes", "box AP50", "mask AP50"], rows)
+        + "\n\n"
+        + note
+        + "\n\n"
+        + source_line(["detect_ablation_study.json"], fmt)
+    )
+
+
 TABLES = {name[2:]: fn for name, fn in globals().items() if name.startswith("t_") and callable(fn)}
 
 
