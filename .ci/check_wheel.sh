@@ -27,12 +27,14 @@ fcmae pretrain --data data/cls/train "${Q[@]}" --batch-size 4 --max-steps 2 --de
 log "pretrain: $(ls pre | tr '\n' ' ')"
 fcmae finetune --from-fcmae pre --data data/cls "${Q[@]}" --batch-size 4 --epochs 1 --output-dir ft > ft.log 2>&1 \
     || { tail -20 ft.log; exit 1; }
-fcmae predict data/cls/val/a --checkpoint ft | head -3
+fcmae predict data/cls/val/a --checkpoint ft > pred.txt  # not `| head`: under pipefail a closed pipe fails the line
+head -3 pred.txt
 fcmae embed data/cls/val --checkpoint ft --out emb.parquet
 fcmae segment --from-fcmae pre --data data/ade --num-classes 2 "${Q[@]}" --batch-size 2 --max-steps 2 \
     --eval-every 2 --save-every 2 --head-channels 16 --eval-mode whole --output-dir seg > seg.log 2>&1 \
     || { tail -20 seg.log; exit 1; }
-fcmae predict data/ade/images/validation --checkpoint seg --mode whole --out-dir seg_pred | tail -1
+fcmae predict data/ade/images/validation --checkpoint seg --mode whole --out-dir seg_pred > seg_pred.txt
+tail -1 seg_pred.txt
 fcmae detect --from-fcmae pre --data data/coco --num-workers 0 --report-to none --mixed-precision no \
     --train-short-side 64 --batch-size 2 --max-steps 2 --eval-every 2 --save-every 2 --output-dir det > det.log 2>&1 \
     || { tail -20 det.log; exit 1; }

@@ -648,7 +648,7 @@ def t_detect_ablation(fmt: str) -> str:
         for r in d["rows"]
         if r["rc"] == 0
     ]
-    note = f"Seeds {d['seeds']}. {d['setup']}. Data: {d['data']}. Code: {d['code']}."
+    note = f"Seed {', '.join(map(str, d['seeds']))} only. {d['setup']}. Data: {d['data']}. Code: {d['code']}."
     return (
         table(["arm", "what changes", "box AP50", "mask AP50"], rows)
         + "\n\n"
@@ -656,6 +656,15 @@ def t_detect_ablation(fmt: str) -> str:
         + "\n\n"
         + source_line(["detect_ablation_study.json"], fmt)
     )
+
+
+def t_detect_quality(fmt: str) -> str:
+    """The calibration of the detection learning-speed test (box and mask AP50 on its training images)."""
+    d = load("detect_quality_calibration.json")
+    rows = [[r["arm"], r["seed"], f"{r['bbox_AP50']:.3f}", f"{r['segm_AP50']:.3f}"] for r in d["rows"]]
+    note = f"Floor: {d['floor']} ({d['floor_rule']}); the test runs seed 0."
+    body = table(["recipe", "seed", "box AP50", "mask AP50"], rows) + "\n\n" + note
+    return body + "\n\n" + source_line(["detect_quality_calibration.json"], fmt)
 
 
 TABLES = {name[2:]: fn for name, fn in globals().items() if name.startswith("t_") and callable(fn)}

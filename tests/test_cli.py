@@ -2,13 +2,14 @@
 line with status 2, ``--version`` prints the package's version, and the old entry points are the
 same commands."""
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, run_cli
+from conftest import CLI_ENV, ROOT, run_cli
 
 import fcmae
 from fcmae.cli import COMMANDS, main
@@ -82,3 +83,14 @@ def test_console_script_module_and_old_entry_points_are_the_same_command(tmp_pat
     assert "predict" in run_cli(["-m", "fcmae.predict", "--help"]).stdout
     assert "export" in run_cli(["-m", "fcmae.hub", "--help"]).stdout
     assert "stats" in run_cli(["-m", "fcmae.data", "--help"]).stdout
+
+
+def test_a_reader_that_has_gone_stops_the_command_quietly():
+    """`fcmae models | head`: the pipe closes before the output is written; the command stops as a
+    Unix tool stops on SIGPIPE (status 141, nothing on stderr), not with a traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    cmd = [sys.executable, "-m", "fcmae", "models", "--models", "convnextv2_atto", "--sizes", "224"]
+    proc = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, text=True, env=CLI_ENV, cwd=ROOT, timeout=600)
+    os.close(write)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr

@@ -11,7 +11,7 @@ Calibration (this file's command, one thread as here, on the 2-core CI machine):
 AP50 on seeds 0, 1, 2 is CALIBRATION; the recipe before the fixes (multi-scale training and
 torchvision's mask-logit init, ``OLD`` added to the same command) scored OLD_CALIBRATION. The test
 runs seed 0. FLOOR is 0.6 x the lowest preset seed (a 40 % margin for another CPU's rounding and
-torch's kernels changing), which the old recipe's seed 0 does not reach: the test fails if fcmae
+torch's kernels changing), which neither seed of the old recipe reaches: the test fails if fcmae
 goes back to learning this set at the old recipe's pace.
 """
 
@@ -28,7 +28,7 @@ from shapes_data import make_detection
 
 STEPS = 80
 CALIBRATION = {0: 0.187, 1: 0.165, 2: 0.331}  # seed -> box AP50 of the preset (2026-12-03)
-OLD_CALIBRATION = {0: 0.079}  # seed -> box AP50 with OLD
+OLD_CALIBRATION = {0: 0.079, 1: 0.088}  # seed -> box AP50 with OLD
 OLD = ["--jitter", "multiscale", "--head-init", "torchvision"]
 FLOOR = 0.099  # 0.6 x 0.165
 

@@ -59,6 +59,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fcmae: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         sys.exit(2)
     module, function, _ = COMMANDS[argv[0]]
-    result = getattr(importlib.import_module(module), function)(argv[1:], prog=f"fcmae {argv[0]}")
+    try:
+        result = getattr(importlib.import_module(module), function)(argv[1:], prog=f"fcmae {argv[0]}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _closed_stdout()
+        raise
     if isinstance(result, int):
         sys.exit(result)
+
+
+def _closed_stdout() -> None:
+    """``fcmae predict ... | head``: the reader has gone, so stop as a Unix tool stops on SIGPIPE
+    (silently, status 128 + 13), not with a traceback. Returns (and the error is re-raised) when
+    stdout still works: then the broken pipe was something else's, a socket's, and is a real error."""
+    import os
+    import select
+
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    if any(event & select.POLLERR for _, event in poll.poll(0)):  # a pipe with no reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(141)
