@@ -630,12 +630,24 @@ def t_peer_downstream(fmt: str) -> str:
             mean = f"{x['mean'] * scale:.1f} +- {x['std'] * scale:.1f}"
             rows.append([names[task], arms[arm], metric.replace("_", " "), mean, seeds, minutes(v["wall_s_mean"])])
     s = d["setup"]
+    runs = []  # where each task's rows ran (an update may rerun one task and keep the other's rows)
+    for task in names:
+        got = [r for r in d["rows"] if r["task"] == task]
+        if got and "machine" in got[0]:
+            where = device_text(got[0]["machine"])
+            runs.append(
+                f"{names[task]}: {where}, {got[0]['run_date'][:10]}, {got[0]['jobs_at_a_time']} run(s) at a time"
+            )
     note = (
         f"{s['n_train']} training / {s['n_val']} validation images of {s['size']} px, batch 2, "
         f"{s['det_steps']} detection / {s['seg_steps']} segmentation steps, seeds {s['seeds']}; AP in percent "
         "(pycocotools), mIoU in percent over the 4 classes (background included); wall time per run, "
-        f"{s['jobs']} run(s) at a time, one thread each."
+        + ("; ".join(runs) if runs else f"{s['jobs']} run(s) at a time")
+        + ", one thread each."
     )
+    if d.get("kept_rows_from"):
+        k = d["kept_rows_from"]
+        note += f" The {k['rows']} rows not rerun were kept from `{k['command']}` ({k['date'][:10]})."
     header = ["task", "arm", "metric", "mean +- std", "per seed", "wall per run"]
     return table(header, rows) + "\n\n" + note + "\n\n" + source_line(["peer_downstream.json"], fmt)
 
@@ -656,6 +668,49 @@ def t_detect_ablation(fmt: str) -> str:
         + "\n\n"
         + source_line(["detect_ablation_study.json"], fmt)
     )
+
+
+SEG_ABLATION = [  # file stem prefix, what the arm changes (fcmae's segmentation, 150 steps, 128 px)
+    ("ade20k_pipeline", "mmseg's ADE20K pipeline: rescale x0.5-2.0, crop, flip, photometric (the preset before)"),
+    ("no_layer_decay", "that pipeline, layer decay 0.9 -> none"),
+    ("no_rescale", "rescale off (ratio 1,1): crop = whole image, flip, photometric"),
+    ("no_rescale_no_photometric", "rescale and photometric off: flips only (the preset now)"),
+    ("no_rescale_no_photometric_no_layer_decay", "flips only, and no layer decay"),
+]
+
+
+def device_text(device: str) -> str:
+    """machine_text for a row that records only the device string, 'CPU: <model> (<n> cores)'."""
+    cores = re.search(r"\((\d+) cores\)", device)
+    return machine_text({"machine": {"device": device, "cores": cores and int(cores.group(1)), "gpu": "none"}})
+
+
+def t_segment_ablation(fmt: str) -> str:
+    """What each factor of the segmentation recipe changes on the small-data benchmark (mIoU, percent)."""
+    folder = "segment_small_data_ablation"
+    rows, names = [], []
+    for stem, what in SEG_ABLATION:
+        files = sorted(p.name for p in (RESULTS / folder).glob(f"{stem}_seed*.json"))
+        got = []
+        for name in files:
+            d = load(f"{folder}/{name}")
+            got += [
+                (r["seed"], r["mIoU"], machine_text(d))
+                for r in d["rows"]
+                if r["task"] == "segment" and r["arm"] == "fcmae"
+            ]
+            names.append(f"{folder}/{name}")
+        got.sort()
+        mean = sum(g[1] for g in got) / len(got)
+        seeds = ", ".join(f"{g[1]:.1f} (seed {g[0]})" for g in got)
+        rows.append([what, seeds, f"{mean:.1f}", "; ".join(sorted({g[2] for g in got}))])
+    plain = [r for r in load("peer_downstream.json")["rows"] if r["task"] == "segment" and r["arm"] == "plain"]
+    seeds = ", ".join(f"{r['mIoU']:.1f} (seed {r['seed']})" for r in sorted(plain, key=lambda r: r["seed"]))
+    mean = sum(r["mIoU"] for r in plain) / len(plain)
+    where = device_text(plain[0]["machine"])
+    rows.append(["transformers' UperNet in the plain loop (flips only, no layer decay)", seeds, f"{mean:.1f}", where])
+    head = ["fcmae segment, small-data preset with", "mIoU per seed", "mean", "machine"]
+    return table(head, rows) + "\n\n" + source_line([*names, "peer_downstream.json"], fmt)
 
 
 def t_detect_quality(fmt: str) -> str:

@@ -3,6 +3,7 @@
     python benchmarks/peer_downstream.py                  # the committed run (about 2 h on a 2-core CPU)
     python benchmarks/peer_downstream.py --quick          # smoke run: tiny data, a few steps, one seed
     python benchmarks/peer_downstream.py --tasks detect --seeds 0,1,2 --det-steps 240 --size 256
+    python benchmarks/peer_downstream.py --tasks segment --keep-other-rows   # rerun one task, keep the other's rows
 
 Detection: ``fcmae detect --config configs/detect/small_data.yaml`` (Mask R-CNN FPN on ConvNeXt, the
 preset a user with small data is pointed to, given only --data, --train-short-side, --max-steps and
@@ -49,7 +50,7 @@ ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 METRICS = {"detect": ("bbox_AP50", "bbox_AP", "segm_AP"), "segment": ("mIoU",)}
-COMMON = ["--batch-size", "2", "--num-workers", "0", "--report-to", "none", "--save-every", "100000"]
+COMMON = ["--batch-size", "2", "--num-workers", "0", "--report-to", "none", "--save-every", "100000", "--overwrite"]
 
 
 def sh(cmd, log: Path) -> subprocess.CompletedProcess:
@@ -194,9 +195,15 @@ def parse(argv=None):
     p.add_argument("--n-val", type=int, default=50)
     p.add_argument("--det-steps", type=int, default=150)
     p.add_argument("--seg-steps", type=int, default=150)
+    p.add_argument("--arms", default="fcmae,plain", help="fcmae, plain or both (an ablation runs fcmae alone)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     p.add_argument("--fcmae-detect-args", default="", help="extra flags for fcmae detect (quoted)")
     p.add_argument("--fcmae-segment-args", default="", help="extra flags for fcmae segment (quoted)")
+    p.add_argument(
+        "--keep-other-rows",
+        action="store_true",
+        help="keep OUT.json's rows for the (task, seed, arm) runs not made now (each row keeps its command and date)",
+    )
     p.add_argument("--workdir", default="runs/peer_downstream")
     p.add_argument("--out", default="benchmarks/results/peer_downstream")
     a = p.parse_args(argv)
@@ -212,11 +219,10 @@ def main(argv=None) -> None:
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     det_data, seg_data, enc = prepare(a, work)
-    jobs = [(t, s, arm) for t in a.tasks.split(",") for s in map(int, a.seeds.split(",")) for arm in ("fcmae", "plain")]
+    arms = a.arms.split(",")
+    jobs = [(t, s, arm) for t in a.tasks.split(",") for s in map(int, a.seeds.split(",")) for arm in arms]
     with ThreadPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(lambda j: one(j, a, work, det_data, seg_data, enc), jobs))
-    s = summary(rows)
-    print(table(s))
     import timm
     import torch
     import torchvision
@@ -224,11 +230,31 @@ def main(argv=None) -> None:
 
     info = {**machine("cpu"), "torchvision": torchvision.__version__, "timm": timm.__version__}
     info.update(transformers=transformers.__version__, jobs_at_a_time=a.jobs)
-    out = Path(a.out)
+    date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    here = dict(run_date=date, machine=info["device"], jobs_at_a_time=a.jobs, torch_version=torch.__version__)
+    rows = [dict(r, **here) for r in rows]
+    out, kept, earlier = Path(a.out), [], None
+    if a.keep_other_rows and out.with_suffix(".json").is_file():  # earlier runs' rows for other jobs
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        same = ("size", "n_train", "n_val", "det_steps", "seg_steps")
+        if any(earlier["setup"][k] != getattr(a, k) for k in same):
+            raise SystemExit(f"--keep-other-rows: {out}.json was run with other {', '.join(same)}; rerun every job")
+        then = dict(
+            run_date=earlier["date"],
+            machine=earlier["machine"]["device"],
+            jobs_at_a_time=earlier["machine"].get("jobs_at_a_time"),
+            torch_version=earlier["machine"]["torch"],
+        )
+        kept = [{**then, **r} for r in earlier["rows"] if (r["task"], r["seed"], r["arm"]) not in set(jobs)]
+    rows = kept + rows
+    s = summary(rows)
+    print(table(s))
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: (v if not isinstance(v, list) else shlex.join(v)) for k, v in vars(a).items()}
-    record = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    record = {"command": shlex.join([sys.executable, *sys.argv]), "date": date}
     record.update(machine=info, torch_threads=1, setup=setup, summary=s, rows=rows)
+    if kept:  # each row says when, where and how (cmd) it ran
+        record["kept_rows_from"] = {"command": earlier["command"], "date": earlier["date"], "rows": len(kept)}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     title = f"{a.n_train} train / {a.n_val} val shapes at {a.size} px, batch 2, det {a.det_steps} / seg {a.seg_steps}"
     plot(rows, s, out.with_suffix(".png"), f"{title} steps, seeds {a.seeds}; torch {torch.__version__}")

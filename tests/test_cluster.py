@@ -260,7 +260,7 @@ def test_grad_checkpointing_of_the_dense_tasks_gives_the_same_gradients():
 
 
 PEAK = """
-import resource, sys, torch, fcmae
+import sys, torch, fcmae
 torch.manual_seed(0)
 mae = fcmae.create_fcmae("convnextv2_tiny", backend="gather", decoder_dim=64).train()
 mae.encoder.set_grad_checkpointing(sys.argv[1] == "1")
@@ -272,24 +272,19 @@ def pack(t):  # every tensor autograd keeps for the backward pass, weights left 
     if s.data_ptr() not in params:
         saved[s.data_ptr()] = s.nbytes()
     return t
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
     loss = mae(x, keys=torch.arange(16))[0]
 loss.backward()
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sum(saved.values()))
+print(sum(saved.values()))
 """
 
 
-def test_grad_checkpointing_lowers_the_peak_memory_of_a_step():
+def test_grad_checkpointing_lowers_the_memory_a_step_keeps():
     """One forward + backward in a subprocess (convnextv2_tiny, gather, 16 x 224 px): the activations
-    autograd keeps for the backward pass (counted by torch's saved-tensor hooks, exact) and the peak
-    RSS the step adds (the allocator's, so only asserted lower)."""
-    peaks, kept = {}, {}
-    for on in ("0", "1"):
-        before, after, saved = map(int, run_cli(["-c", PEAK, on]).stdout.split())
-        peaks[on], kept[on] = (after - before) / 1024, saved / 2**20  # MiB
-    print(f"a step's peak: {peaks['0']:.0f} -> {peaks['1']:.0f} MiB", end="; ")
+    autograd keeps for the backward pass, counted exactly by torch's saved-tensor hooks. (The process's
+    peak RSS is not asserted: the allocator decides it, and some sandboxes report ru_maxrss as 0. The
+    GPU suite measures torch.cuda.max_memory_allocated.)"""
+    kept = {on: int(run_cli(["-c", PEAK, on]).stdout) / 2**20 for on in ("0", "1")}  # MiB
     print(f"kept for backward: {kept['0']:.0f} -> {kept['1']:.0f} MiB")
-    # measured here: kept 1035 -> 107 MiB (only each checkpointed block's input stays); peak 1269 -> 914 MiB
+    # measured here: 1035 -> 107 MiB (only each checkpointed block's input stays)
     assert kept["1"] < 0.25 * kept["0"], kept
-    assert peaks["1"] < peaks["0"], peaks

@@ -228,7 +228,14 @@ def test_pretrain_runs_on_linked_class_folders(tmp_path):
             out,
         ]
     )
-    assert (out / "encoder.safetensors").exists()
+    # the encoder is a whole timm ConvNeXt V2 trunk: every key and shape, nothing left over (strict),
+    # the head's norm and fc aside (the classifier is fine-tuning's)
+    import timm
+    from safetensors.torch import load_file
+
+    trunk = timm.create_model("convnextv2_atto", num_classes=0, conv_mlp=False)  # nn.Linear MLPs, as fcmae
+    missing, unexpected = trunk.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=False)
+    assert unexpected == [] and set(missing) <= {"head.norm.weight", "head.norm.bias"}, (missing, unexpected)
     # both linked class folders were read: 8 images, 2 steps of 4 an epoch, each image seen once
     config, final = (yaml.safe_load((out / name).read_text()) for name in ("config.yaml", "final.yaml"))
     assert config["steps_per_epoch"] == 2 and (final["epochs"], final["num_seen"], final["num_bad"]) == (1, 8, 0)

@@ -427,6 +427,56 @@ def test_train_pipeline_moves_image_and_label_together():
     assert torch.equal(x1, x2)
 
 
+def test_ratio_one_without_photometric_is_the_image_itself_or_its_mirror():
+    """The small-data preset's --ratio-range 1,1 --no-photometric on an S x S image: no rescale, the crop
+    is the whole image, so each sample is the normalised image (or its mirror) and the same label map."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    label = rng.integers(0, 4, (64, 64), dtype=np.uint8)
+    mean = torch.tensor(seg.IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(seg.IMAGENET_DEFAULT_STD)[:, None, None]
+    want = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std
+    flips = 0
+    for seed in range(16):
+        x, y = seg.train_transform(image, label, 64, np.random.default_rng(seed), False, (1.0, 1.0))
+        flip = not torch.equal(y, torch.from_numpy(label).long())
+        flips += flip
+        assert torch.equal(y, torch.from_numpy(label[:, ::-1].copy() if flip else label).long())
+        torch.testing.assert_close(x, want.flip(-1) if flip else want, atol=1e-5, rtol=0)
+    assert 0 < flips < 16
+    # and the default pipeline does rescale and distort: the same seeds do not give the image back
+    x, _ = seg.train_transform(image, label, 64, np.random.default_rng(0))
+    assert not (torch.allclose(x, want, atol=1e-3) or torch.allclose(x, want.flip(-1), atol=1e-3))
+
+
+def test_segment_flags_reach_the_training_samples(ade):
+    from fcmae.tasks.segment import SegmentConfig
+    from fcmae.tasks.segment.loop import load_data
+    from fcmae.training.config import parse_args
+
+    base = ["--data", str(ade), "--num-classes", "3", "--input-size", "32"]
+    cfg = parse_args(SegmentConfig, [*base, "--ratio-range", "1,1", "--no-photometric"])
+    cfg.validate()
+    train_ds, _ = load_data(cfg, 0, 1)
+    assert train_ds.augment == dict(photometric=False, ratio_range=(1.0, 1.0))
+    default, _ = load_data(parse_args(SegmentConfig, base), 0, 1)
+    assert default.augment == dict(photometric=True, ratio_range=(0.5, 2.0))
+    for bad in ("2,1", "0,1", "1"):
+        with pytest.raises(ValueError, match="--ratio-range"):
+            parse_args(SegmentConfig, [*base, "--ratio-range", bad]).validate()
+
+
+def test_small_data_preset_keeps_the_optimiser_and_drops_the_ade20k_augmentation(ade):
+    from fcmae.tasks.segment import SegmentConfig
+    from fcmae.training.config import parse_args
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "segment" / "small_data.yaml"
+    cfg = parse_args(SegmentConfig, ["--config", str(preset), "--data", str(ade), "--num-classes", "3"])
+    cfg.validate()
+    assert (cfg.ratio_range, cfg.photometric, cfg.eval_mode, cfg.drop_path) == ([1.0, 1.0], False, "whole", 0.1)
+    assert (cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type) == (1e-4, 0.05, 0.9, "stage")
+
+
 def test_cat_max_ratio_redraws_crops(monkeypatch):
     label = np.zeros((256, 1024), np.uint8)
     label[:, 900:] = 1  # class 0 covers 88 %: most random crops hold it alone

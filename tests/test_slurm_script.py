@@ -19,9 +19,6 @@ SRUN = r"""#!/bin/bash
 echo "srun $*" >> "$STUB_LOG"
 n=$#; cmd=("${@:n-2:3}")   # bash -c CMD
 pids=()
-for ((i = 0; i < ${SLURM_NNODES:-1}; i++)); do
-    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "${cmd[@]}" & pids+=($!)
-done
 on_sig() {
     echo "srun got $1" >> "$STUB_LOG"
     # the training stops after its step and rank 0 writes the stop file
@@ -29,6 +26,9 @@ on_sig() {
     kill -KILL "${pids[@]}" 2>/dev/null; exit 1
 }
 trap 'on_sig USR1' USR1; trap 'on_sig USR2' USR2
+for ((i = 0; i < ${SLURM_NNODES:-1}; i++)); do
+    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "${cmd[@]}" & pids+=($!)
+done
 status=0
 for p in "${pids[@]}"; do wait $p || status=$?; done
 exit $status
@@ -56,7 +56,7 @@ case "$STUB_MODE" in
     exit 1 ;;
   fail) exit 1 ;;
   fail-progress) mkdir -p "$STUB_OUT/checkpoints/step_00000009"; exit 1 ;;
-  wait) sleep 30; exit 0 ;;
+  wait) exec sleep 120 ;;  # exec: the stand-in srun's kill ends the "training" itself
 esac
 """
 
@@ -268,7 +268,7 @@ def test_time_limit_warning_is_forwarded_and_the_job_requeues_itself(stubs):
     while len(list(tmp_path.glob("launch-*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@S does: the batch shell only
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=60)
     log = _stub_log(tmp_path)
     assert "srun got USR1" in log, out
     assert "scontrol requeue 12345" in log, out
@@ -286,7 +286,7 @@ def test_sigterm_to_the_batch_shell_does_not_requeue(stubs):
     srun = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     for pid in srun:  # the script's own child: the stand-in srun
         os.kill(int(pid), signal.SIGUSR2)
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=60)
     assert "got SIGTERM" in out and "Slurm decides" in out
     assert "scontrol requeue" not in _stub_log(tmp_path)
 

@@ -252,13 +252,19 @@ def _normalise(image: np.ndarray) -> torch.Tensor:
 
 
 def train_transform(
-    image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator, photometric: bool = True
+    image: np.ndarray,
+    label: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    photometric: bool = True,
+    ratio_range: tuple[float, float] = RATIO_RANGE,
 ):
     """(H, W, 3) uint8 image and (H, W) uint8 label -> ((3, S, S) float, (S, S) long), mmseg's ADE20K
     training pipeline at crop S: RandomResize(scale (4S, S), ratio 0.5..2.0, keep aspect), RandomCrop
     (S, cat_max_ratio 0.75), RandomFlip(0.5), PhotoMetricDistortion, normalise, pad (image 0 after
-    normalisation, as mmseg's SegDataPreProcessor; label 255), bottom and right."""
-    ratio = rng.uniform(*RATIO_RANGE)
+    normalisation, as mmseg's SegDataPreProcessor; label 255), bottom and right. ``ratio_range`` and
+    ``photometric`` set the rescale ratio's range and turn the distortion off (the small-data preset)."""
+    ratio = rng.uniform(*ratio_range)
     h, w = rescale_size(*label.shape, int(4 * size * ratio), int(size * ratio))
     image, label = _resize(image, label, (h, w))
 
@@ -305,8 +311,10 @@ class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
         reduce_zero_label: bool = True,
         max_bad_fraction: float = 0.01,
         source: str = "data",
+        augment: dict | None = None,
     ):
         super().__init__(hf, None, seed, max_bad_fraction)
+        self.augment = augment or {}  # train_transform's photometric / ratio_range
         if not 1 < num_classes < IGNORE_INDEX:
             raise ValueError(f"--num-classes must be 2..254 (label maps are 8-bit, 255 is ignored); got {num_classes}.")
         self.num_classes, self.input_size, self.train = num_classes, input_size, train
@@ -346,7 +354,7 @@ class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
         image, source_index, ok = self.read(index)  # unreadable: the next readable row stands in
         label = self.label(source_index, image.size)
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
-        return (*train_transform(np.asarray(image), label, self.input_size, rng), ok)
+        return (*train_transform(np.asarray(image), label, self.input_size, rng, **self.augment), ok)
 
 
 def build_train_loader(

@@ -19,6 +19,12 @@ class SegmentTask:
         "whole | slide (windows of --input-size, stride 2/3 of it: mmseg's 341 at 512)", "slide"
     )
     eval_ms_flip: bool = help_field("multi-scale (0.5..1.75) + flip evaluation, as mmseg's aug_test", False)
+    ratio_range: list[float] = help_field(
+        "training rescale: the train scale (4S, S) times a ratio drawn from LOW,HIGH (mmseg's RandomResize "
+        "ratio_range 0.5,2.0); 1,1 keeps the short side at S",
+        default_factory=lambda: [0.5, 2.0],
+    )
+    photometric: bool = help_field("mmseg's PhotoMetricDistortion on the training crops", True)
 
 
 class SegmentConfig(Config):
@@ -63,6 +69,8 @@ class SegmentConfig(Config):
     def check(self) -> None:
         if self.layer_decay_type not in ("stage", "single", "group"):
             raise ValueError(f"--layer-decay-type must be stage, single or group; got {self.layer_decay_type!r}.")
+        if len(self.ratio_range) != 2 or not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ValueError(f"--ratio-range takes LOW,HIGH, 0 < LOW <= HIGH (e.g. 0.5,2.0); got {self.ratio_range}.")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"--eval-mode must be whole or slide; got {self.eval_mode!r}.")
         if not (self.data or self.dataset_name):
