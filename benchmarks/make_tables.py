@@ -713,6 +713,30 @@ def t_segment_ablation(fmt: str) -> str:
     return table(head, rows) + "\n\n" + source_line([*names, "peer_downstream.json"], fmt)
 
 
+def t_detect_factors(fmt: str) -> str:
+    """benchmarks/detect_ablation.py: one factor of the detection preset changed per arm, several seeds."""
+    d = load("detect_ablation.json")
+    rows = []
+    for arm, v in d["summary"].items():
+        box, mask = v["bbox_AP50"], v["segm_AP50"]
+        rows.append(
+            [
+                arm,
+                d["arms"][arm]["what"] + (f" (`{d['arms'][arm]['flags']}`)" if d["arms"][arm]["flags"] else ""),
+                f"{100 * box['mean']:.1f} +- {100 * box['std']:.1f}",
+                ", ".join(f"{100 * x:.1f}" for x in box["values"]),
+                f"{100 * mask['mean']:.1f} +- {100 * mask['std']:.1f}",
+            ]
+        )
+    s = d["setup"]
+    note = (
+        f"Box and mask AP50 in percent on the {s['images']} training images of {s['size']} px after {s['steps']} "
+        f"steps of batch 2, seeds {s['seeds']}, one thread each, {d['machine']['jobs_at_a_time']} run(s) at a time."
+    )
+    head = ["arm", "what changes", "box AP50", "per seed", "mask AP50"]
+    return table(head, rows) + "\n\n" + note + "\n\n" + source_line(["detect_ablation.json"], fmt)
+
+
 def t_detect_quality(fmt: str) -> str:
     """The calibration of the detection learning-speed test (box and mask AP50 on its training images)."""
     d = load("detect_quality_calibration.json")
