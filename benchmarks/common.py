@@ -93,3 +93,12 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value) and the values, for a table of seeds."""
+    import statistics
+
+    values = list(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.mean(values), "std": std, "values": values}

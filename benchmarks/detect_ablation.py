@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, pyplot  # noqa: E402
+from common import machine, pyplot, spread  # noqa: E402
 from shapes_data import make_detection  # noqa: E402
 
 ARMS = {  # name -> (flags added to the preset, what it changes)
@@ -75,14 +74,7 @@ def summary(rows: list[dict]) -> dict:
     out = {}
     for arm in dict.fromkeys(r["arm"] for r in rows):
         got = [r for r in rows if r["arm"] == arm]
-        out[arm] = {
-            m: {
-                "mean": statistics.mean(r[m] for r in got),
-                "std": statistics.stdev(r[m] for r in got) if len(got) > 1 else 0.0,
-                "values": [r[m] for r in got],
-            }
-            for m in ("bbox_AP50", "segm_AP50")
-        }
+        out[arm] = {m: spread([r[m] for r in got]) for m in ("bbox_AP50", "segm_AP50")}
     return out
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, pyplot  # noqa: E402
+from common import machine, pyplot, spread  # noqa: E402
 from shapes_data import make_detection, make_segmentation  # noqa: E402
 
 ENV = {
@@ -103,14 +103,7 @@ def summary(rows: list[dict]) -> dict:
             got = [r for r in rows if r["task"] == task and r["arm"] == arm]
             if not got:
                 continue
-            out[f"{task}/{arm}"] = {
-                m: {
-                    "mean": statistics.mean(r[m] for r in got),
-                    "std": statistics.stdev(r[m] for r in got) if len(got) > 1 else 0.0,
-                    "values": [r[m] for r in got],
-                }
-                for m in metrics
-            }
+            out[f"{task}/{arm}"] = {m: spread([r[m] for r in got]) for m in metrics}
             out[f"{task}/{arm}"]["wall_s_mean"] = statistics.mean(r["wall_s"] for r in got)
     for task, metrics in METRICS.items():
         f, p = out.get(f"{task}/fcmae"), out.get(f"{task}/plain")

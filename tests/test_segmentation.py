@@ -458,9 +458,9 @@ def test_segment_flags_reach_the_training_samples(ade):
     cfg = parse_args(SegmentConfig, [*base, "--ratio-range", "1,1", "--no-photometric"])
     cfg.validate()
     train_ds, _ = load_data(cfg, 0, 1)
-    assert train_ds.augment == dict(photometric=False, ratio_range=(1.0, 1.0))
+    assert (train_ds.photometric, train_ds.ratio_range) == (False, (1.0, 1.0))
     default, _ = load_data(parse_args(SegmentConfig, base), 0, 1)
-    assert default.augment == dict(photometric=True, ratio_range=(0.5, 2.0))
+    assert (default.photometric, default.ratio_range) == (True, (0.5, 2.0))
     for bad in ("2,1", "0,1", "1"):
         with pytest.raises(ValueError, match="--ratio-range"):
             parse_args(SegmentConfig, [*base, "--ratio-range", bad]).validate()

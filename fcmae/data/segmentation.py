@@ -311,10 +311,11 @@ class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
         reduce_zero_label: bool = True,
         max_bad_fraction: float = 0.01,
         source: str = "data",
-        augment: dict | None = None,
+        photometric: bool = True,
+        ratio_range: tuple[float, float] = RATIO_RANGE,
     ):
         super().__init__(hf, None, seed, max_bad_fraction)
-        self.augment = augment or {}  # train_transform's photometric / ratio_range
+        self.photometric, self.ratio_range = photometric, tuple(ratio_range)  # train_transform's
         if not 1 < num_classes < IGNORE_INDEX:
             raise ValueError(f"--num-classes must be 2..254 (label maps are 8-bit, 255 is ignored); got {num_classes}.")
         self.num_classes, self.input_size, self.train = num_classes, input_size, train
@@ -354,7 +355,8 @@ class SegmentationImages(ImageSamples, torch.utils.data.Dataset):
         image, source_index, ok = self.read(index)  # unreadable: the next readable row stands in
         label = self.label(source_index, image.size)
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
-        return (*train_transform(np.asarray(image), label, self.input_size, rng, **self.augment), ok)
+        sample = train_transform(np.asarray(image), label, self.input_size, rng, self.photometric, self.ratio_range)
+        return (*sample, ok)
 
 
 def build_train_loader(

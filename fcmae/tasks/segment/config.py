@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...data.segmentation import IGNORE_INDEX
+from ...data.segmentation import IGNORE_INDEX, RATIO_RANGE
 from ...training.config import Config, help_field
 
 
@@ -22,7 +22,7 @@ class SegmentTask:
     ratio_range: list[float] = help_field(
         "training rescale: the train scale (4S, S) times a ratio drawn from LOW,HIGH (mmseg's RandomResize "
         "ratio_range 0.5,2.0); 1,1 keeps the short side at S",
-        default_factory=lambda: [0.5, 2.0],
+        default_factory=lambda: list(RATIO_RANGE),
     )
     photometric: bool = help_field("mmseg's PhotoMetricDistortion on the training crops", True)
 

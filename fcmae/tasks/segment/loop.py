@@ -48,7 +48,8 @@ def load_data(cfg: SegmentConfig, rank: int = 0, world: int = 1, train: bool = T
             cfg.reduce_zero_label,
             cfg.max_bad_fraction,
             f"{source} {name}",
-            dict(photometric=cfg.photometric, ratio_range=tuple(cfg.ratio_range)),
+            cfg.photometric,
+            cfg.ratio_range,
         )
 
     val = split(cfg.val_split, False)
