@@ -66,8 +66,8 @@ CLUSTER=fcmae$(printf %s "$DIR" | md5sum | cut -c1-8)
 export SLURM_CONF=$CONF
 
 node_idle() {
-    timeout 5 scontrol show config 2>/dev/null | grep -qE "^ClusterName += $CLUSTER\$" \
-        && timeout 5 sinfo -h -n "$HOST" -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'
+    timeout 20 scontrol show config 2>/dev/null | grep -qE "^ClusterName += $CLUSTER\$" \
+        && timeout 20 sinfo -h -n "$HOST" -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'
 }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
