@@ -65,9 +65,14 @@ CONF=$DIR/slurm.conf
 CLUSTER=fcmae$(printf %s "$DIR" | md5sum | cut -c1-8)
 export SLURM_CONF=$CONF
 
+# Each probe's output is read whole before it is matched: with pipefail, `scontrol ... | grep -q`
+# fails whenever grep exits on its match before scontrol has written the rest of its ~7 kB
+# (SIGPIPE, status 141), which is most of the time.
 node_idle() {
-    timeout 20 scontrol show config 2>/dev/null | grep -qE "^ClusterName += $CLUSTER\$" \
-        && timeout 20 sinfo -h -n "$HOST" -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'
+    local config state
+    config=$(timeout 20 scontrol show config 2>/dev/null) || return 1
+    state=$(timeout 20 sinfo -h -n "$HOST" -o '%t' 2>/dev/null) || return 1
+    grep -qE "^ClusterName += $CLUSTER\$" <<<"$config" && grep -qE '^(idle|mix|alloc)' <<<"$state"
 }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 

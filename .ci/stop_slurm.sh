@@ -9,11 +9,11 @@ log() { echo "stop_slurm: $*" >&2; }
 
 if [ -f "$DIR/slurm.conf" ] && command -v scancel >/dev/null; then
     export SLURM_CONF=$DIR/slurm.conf
-    if timeout 5 squeue -h 2>/dev/null | grep -q .; then
+    if [ -n "$(timeout 5 squeue -h 2>/dev/null)" ]; then
         # cancel the jobs and give them KillWait (+ a little) to end, so no job process outlives the daemons
         timeout 5 scancel --user "$(id -un)" >/dev/null 2>&1 || true
         for _ in $(seq ${FCMAE_SLURM_STOP_WAIT:-40}); do
-            timeout 5 squeue -h 2>/dev/null | grep -q . || break
+            [ -n "$(timeout 5 squeue -h 2>/dev/null)" ] || break
             sleep 1
         done
     fi

@@ -16,6 +16,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import _setup_scales
 
 from fcmae.data import EpochSampler
 from fcmae.data.detection import CategoryMap, DetectionDataset, ann_to_mask, coco_from_hub, collate, load_coco
@@ -432,6 +434,26 @@ def test_detector_trains_one_step(coco_data, masks):
     sum(losses.values()).backward()
     stem = detector.backbone.body.stem[0].weight.grad
     assert stem is not None and torch.isfinite(stem).all() and stem.abs().sum() > 0
+
+
+def test_roi_pools_use_the_fpn_strides_whatever_batch_comes_first():
+    """torchvision's RoIAlign infers its level scales from the first batch and keeps them: a 40 px high
+    image padded to 64 rounds the stride-4 level to 1/2, and a resumed run (whose first batch differs)
+    pooled from other levels. The detector's pools pool like torchvision's own on a batch where the
+    inference is exact (an unpadded 64 x 64 image), after any first batch."""
+    torch.manual_seed(0)
+    detector = build_detector("convnextv2_atto", num_classes=4, min_size=64, **SMALL).eval()
+    with torch.no_grad():
+        feats = detector.backbone(torch.rand(1, 3, 64, 64))
+        boxes = [torch.tensor([[2.0, 3.0, 30.0, 40.0], [0.0, 0.0, 63.0, 63.0], [10.0, 10.0, 14.0, 15.0]])]
+        levels = [feats[k] for k in ("0", "1", "2", "3")]
+        assert _setup_scales(levels, [(40, 64)], 224, 4)[0][0] == 0.5  # what torchvision would keep
+        scales = _setup_scales(levels, [(64, 64)], 224, 4)[0]
+        for pool in (detector.roi_heads.box_roi_pool, detector.roi_heads.mask_roi_pool):
+            pool(feats, boxes, [(40, 64)])  # a first batch torchvision would mis-read
+            assert pool.scales == scales == [0.25, 0.125, 0.0625, 0.03125]
+            plain = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=pool.output_size, sampling_ratio=0)
+            assert torch.equal(pool(feats, boxes, [(64, 64)]), plain(feats, boxes, [(64, 64)]))
 
 
 def test_small_head_init_starts_the_mask_loss_at_log_2(coco_data):

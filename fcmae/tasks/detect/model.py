@@ -30,6 +30,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import initLevelMapper
 
 from ...models import create_model
 from ...models.layers import LayerNorm2d
@@ -40,6 +41,7 @@ from ...weights.adapt import adapt_stem
 log = logging.getLogger(__name__)
 
 FEATURES = ("0", "1", "2", "3")  # torchvision's names for the FPN levels; LastLevelMaxPool adds "pool"
+STRIDES = (4, 8, 16, 32)  # of FEATURES
 # 800 x 1333: the COCO test scale of torchvision, Detectron and the ConvNeXt detection configs
 LONG_SIDE_RATIO = 1333 / 800
 
@@ -125,6 +127,21 @@ def _check_args(num_classes: int, min_size: int, image_mean, image_std, in_chans
         )
 
 
+def roi_pool(output_size: int) -> MultiScaleRoIAlign:
+    """torchvision's RoIAlign over the four finest FPN levels, its level scales set from the known
+    strides. Left unset, torchvision infers them from the first batch it pools (feature size over the
+    largest image height, rounded to a power of 2) and keeps them for good: a small image padded to
+    a multiple of 32 rounds the wrong way (a 40 px high batch padded to 64 gives 1/2 for the stride-4
+    level), so the levels each RoI was pooled from depended on the first batch the process saw, and a
+    resumed run pooled differently from the uninterrupted one. mmdetection states the strides too
+    (``featmap_strides=[4, 8, 16, 32]``)."""
+    pool = MultiScaleRoIAlign(list(FEATURES), output_size=output_size, sampling_ratio=0)
+    pool.scales = [1.0 / s for s in STRIDES]
+    levels = [s.bit_length() - 1 for s in STRIDES]  # log2
+    pool.map_levels = initLevelMapper(levels[0], levels[-1], pool.canonical_scale, pool.canonical_level)
+    return pool
+
+
 def _small_mask_logits(conv: nn.Module) -> None:
     """detectron2's init of the mask logits layer: N(0, 0.001), zero bias."""
     nn.init.normal_(conv.weight, std=0.001)
@@ -173,14 +190,13 @@ def build_detector(
         rpn_anchor_generator=AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5),
         # sampling_ratio 0 (adaptive) and 1000 proposals per training image: the ConvNeXt Mask R-CNN
         # configs (mmdetection); torchvision's own models use 2 and 2000
-        box_roi_pool=MultiScaleRoIAlign(list(FEATURES), output_size=7, sampling_ratio=0),
+        box_roi_pool=roi_pool(7),
         rpn_post_nms_top_n_train=1000,
         _skip_resize=True,
     )
     common.update(kwargs)
     if masks:
-        mask_pool = MultiScaleRoIAlign(list(FEATURES), output_size=14, sampling_ratio=0)
-        detector = MaskRCNN(backbone, num_classes, **common, mask_roi_pool=mask_pool)
+        detector = MaskRCNN(backbone, num_classes, **common, mask_roi_pool=roi_pool(14))
         if head_init == "small":
             _small_mask_logits(detector.roi_heads.mask_predictor.mask_fcn_logits)
     else:
