@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,32 @@ def run_cli(args, env=None, check=True, timeout=600) -> subprocess.CompletedProc
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port that is free on localhost now: a launch's main process port, so that runs of two test
+    workers (or a run left by a killed session) never collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(processes: int = 2, port: int | None = None) -> list:
+    """The head of ``accelerate launch`` for ``processes`` processes on this machine, fp32, no dynamo:
+    add the script and its arguments, and ACCELERATE_USE_CPU=true to the environment on a CPU."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port or free_port()),
+    ]

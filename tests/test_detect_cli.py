@@ -9,9 +9,7 @@ the lr schedule by hand."""
 
 import json
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
+from conftest import ROOT, accelerate_launch, run_cli
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -234,12 +232,6 @@ def test_presets_parse_to_the_published_recipe():
     assert (tiny.jitter, tiny.task.train_scale, tiny.task.eval_size) == ("multiscale", 800, 800)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_milestones_past_the_epochs_and_auto_precision():
     with pytest.raises(ValueError, match="--lr-milestones"):  # 27 and 33 of 12 epochs would never drop the lr
         parse_args(DetectConfig, ["--data", "x", "--epochs", "12"]).validate()
@@ -257,20 +249,7 @@ def test_milestones_past_the_epochs_and_auto_precision():
 def test_two_processes_count_each_image_once(coco, pretrained, tmp_path):
     """16 validation images on 2 processes (8 + 8): the evaluation equals one process scoring the saved weights."""
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_launch(),
         SCRIPT,
         "--from-fcmae",
         pretrained,

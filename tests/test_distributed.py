@@ -5,7 +5,6 @@ silently run something else. Tiny models (convnextv2_atto) at 64 px, a few steps
 
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLI_ENV, ROOT
+from conftest import CLI_ENV, ROOT, free_port
 from safetensors.torch import load_file
 from test_finetune import make_shapes
 from test_pretrain import make_images
@@ -75,12 +74,6 @@ FT = [
 ]
 FSDP = ["--use_fsdp", "--fsdp_version", "2"]  # unit and checkpoint settings: fcmae's defaults
 BLOCK = re.compile(r"^((?:encoder\.)?stages\.\d+\.blocks\.\d+|decoder\.\d+)\.conv_dw\.weight$")  # a block's name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(how: list, script: str, args: list, env=None, port=None, check=True, wait=True):

@@ -9,9 +9,7 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
+from conftest import ROOT, accelerate_launch, run_cli
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -501,29 +499,10 @@ def test_predict_names_each_unreadable_file_and_predicts_the_rest(reference_run,
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "no_such_run" in missing.stderr
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_count_each_val_sample_once(shapes, pretrain_run, tmp_path):
     """9 val images, 2 processes, batch 4: the last batch is padded; the metric must not count the padding."""
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_launch(),
         FINETUNE,
         *TINY,
         "--from-fcmae",

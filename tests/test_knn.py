@@ -1,16 +1,14 @@
 """The k-NN monitor: DINO's weighted vote against numpy brute force, feature extraction against a
 direct forward, and the monitor on a labelled folder against both."""
 
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from conftest import CLI_ENV, ROOT
+from conftest import CLI_ENV, ROOT, accelerate_launch
 from PIL import Image
 
 from fcmae.data.labelled import eval_transform
@@ -165,27 +163,7 @@ torch.save({"feats": feats, "labels": got, "images": images, "state": encoder.st
 def test_two_processes_gather_every_image_once(tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(TWO_PROCESS_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(script),
-        str(tmp_path),
-    ]
+    cmd = [*accelerate_launch(), str(script), str(tmp_path)]
     proc = subprocess.run(
         cmd, env={**CLI_ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600, cwd=ROOT
     )

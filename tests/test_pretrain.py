@@ -4,7 +4,6 @@ import json
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
+from conftest import ROOT, accelerate_launch, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -186,28 +185,9 @@ def test_resume_after_kill_at_a_random_moment(reference_run, images, tmp_path):
     assert_bitwise_equal(weights(tmp_path), weights(reference_run))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes(images, tmp_path):
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_launch(),
         SCRIPT,
         *TINY,
         "--data",

@@ -9,9 +9,7 @@ lr schedule by hand."""
 import json
 import re
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import CLI_ENV as ENV
-from conftest import ROOT, run_cli
+from conftest import ROOT, accelerate_launch, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -284,31 +282,12 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, ade, pretrained, tmp_p
     assert rows(tmp_path, "eval") == rows(reference, "eval")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_count_each_image_once(ade, pretrained, tmp_path):
     """7 validation images on 2 processes (4 + 3): the pixel count and the mIoU are those of one process
     scoring the saved weights. Step 1 runs at lr 0 (warmup), so its checkpoint holds the loaded encoder:
     transformers' ConvNeXt V2 with it gives fcmae's dense stage outputs (a strict, complete load)."""
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_launch(),
         SCRIPT,
         "--from-fcmae",
         pretrained,

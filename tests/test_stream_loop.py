@@ -10,35 +10,14 @@ import sys
 
 import pytest
 from conftest import CLI_ENV as ENV
-from conftest import ROOT
-from test_pretrain import SCRIPT, TINY, assert_bitwise_equal, free_port, make_images, weights
+from conftest import ROOT, accelerate_launch
+from test_pretrain import SCRIPT, TINY, assert_bitwise_equal, make_images, weights
 
 from fcmae.data.pack import pack
 
 
 def launch(args, processes=2, env=None):
-    cmd = (
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            SCRIPT,
-            *args,
-        ]
-        if processes > 1
-        else [sys.executable, SCRIPT, *args]
-    )
+    cmd = [*accelerate_launch(processes), SCRIPT, *args] if processes > 1 else [sys.executable, SCRIPT, *args]
     return subprocess.run(
         cmd,
         env={**ENV, "ACCELERATE_USE_CPU": "true", **(env or {})},
